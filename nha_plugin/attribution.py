@@ -1,0 +1,180 @@
+"""``NeuronHeadAttribution``: the exact neuron x head decomposition as a Captum layer attribution.
+
+The forward function must be a linear read-out of the CLIP image embedding. The method recognises one by
+its attributes (``readout`` (D, K), ``logit_scale``, ``normalize``, ``model``), as carried by
+``nha_plugin.harness.ZeroShotClassifier`` / ``TextSimilarity``, or takes them as explicit arguments.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from captum.attr import LayerAttribution
+from torch import Tensor, nn
+
+from .adapters import get_spec
+from .decomposition import Contributions
+from .models import decompose
+
+__all__ = ["NeuronHeadAttribution", "lift_to_input", "GRANULARITIES"]
+
+GRANULARITIES = ("spatial", "pair", "head", "neuron", "token")
+
+
+def lift_to_input(attribution: Tensor, inputs: Tensor) -> Tensor:
+    """Spread a (B, 1, h, w) map over the input pixels and channels, (B, 3, H, W), preserving its sum.
+
+    Each grid cell's value is divided evenly over the (H/h)(W/w) pixels and 3 channels it covers, which is
+    what ``captum.metrics.infidelity`` needs (attributions shaped like the inputs)."""
+    if attribution.dim() != 4 or attribution.shape[1] != 1:
+        raise ValueError(f"expected a spatial map (B, 1, h, w); got {tuple(attribution.shape)}")
+    B, C, H, W = inputs.shape
+    h, w = attribution.shape[-2:]
+    if H % h or W % w:
+        raise ValueError(f"input {H}x{W} is not a whole multiple of the map's {h}x{w} grid")
+    up = F.interpolate(attribution, size=(H, W), mode="nearest")
+    return up.expand(B, C, H, W) / (C * (H // h) * (W // w))
+
+
+class NeuronHeadAttribution(LayerAttribution):
+    r"""Exact attribution of a CLIP-ResNet read-out to (neuron, head) pairs, heads, neurons, tokens or
+    layer4 locations.
+
+    The image embedding splits exactly as ``y = beta + sum_{h,n} s[h,n] u[h,n]``; a read-out column w gives
+    the logit ``scale * y . w`` (divided by ``||y||`` for cosine read-outs), so every granularity's scores
+    plus the reported constant terms equal the logit. The convergence delta is that residual, measured
+    against ``forward_func(inputs)[target]``.
+
+    Args:
+        forward_func: a linear read-out module (``ZeroShotClassifier``, ``TextSimilarity``, or any module with
+            ``readout``/``logit_scale``/``normalize``/``model`` attributes), or any callable together with the
+            explicit ``readout=`` and ``model=`` arguments.
+        layer: the layer the spatial map lives on; defaults to the model's layer4.
+        device_ids: accepted for Captum compatibility (DataParallel); unused.
+        readout: (D, K) read-out matrix, overriding ``forward_func.readout``.
+        model: the CLIP-ResNet, overriding ``forward_func.model``.
+        logit_scale, normalize: override the read-out's scale and whether the embedding is normalised.
+        granularity, sink, bias: defaults for :meth:`attribute`.
+
+    Example::
+
+        head = nha.harness.ZeroShotClassifier(model, tokenizer, ["cat", "dog"], templates)
+        nad = nha.NeuronHeadAttribution(head)
+        attr, delta = nad.attribute(images, target=0, return_convergence_delta=True)   # (B, 1, 7, 7), (B,)
+        up = LayerAttribution.interpolate(attr, images.shape[-2:])
+    """
+
+    def __init__(self, forward_func: Callable, layer: Optional[nn.Module] = None,
+                 device_ids: Optional[Sequence[int]] = None, *, readout: Optional[Tensor] = None,
+                 model: Optional[nn.Module] = None, logit_scale: Optional[float] = None,
+                 normalize: Optional[bool] = None, granularity: str = "spatial", sink: str = "keep",
+                 bias: str = "own") -> None:
+        model = model if model is not None else getattr(forward_func, "model", None)
+        readout = readout if readout is not None else getattr(forward_func, "readout", None)
+        if model is None or readout is None:
+            raise TypeError(
+                "NeuronHeadAttribution needs a linear read-out of a CLIP-ResNet embedding: pass "
+                "nha_plugin.harness.ZeroShotClassifier / TextSimilarity as forward_func, or give readout=(D, K) "
+                f"and model=... explicitly (got forward_func={type(forward_func).__name__})")
+        self.spec = get_spec(model)
+        if readout.dim() != 2 or readout.shape[0] != self.spec.output_dim:
+            raise ValueError(f"readout must be (D, K) with D={self.spec.output_dim} (the model's embedding width); "
+                             f"got {tuple(readout.shape)}")
+        self.readout = readout
+        self.logit_scale = float(logit_scale if logit_scale is not None else getattr(forward_func, "logit_scale", 1.0))
+        self.normalize = bool(normalize if normalize is not None else getattr(forward_func, "normalize", False))
+        self.defaults = dict(granularity=granularity, sink=sink, bias=bias)
+        self._check_granularity(granularity)
+        super().__init__(forward_func, layer if layer is not None else self.spec.layer4, device_ids)
+
+    @staticmethod
+    def _check_granularity(granularity: str) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+    def _targets(self, target: Any, batch: int) -> Tensor:
+        """Captum target semantics -> (B,) long tensor of read-out columns."""
+        K = self.readout.shape[1]
+        if target is None:
+            if K != 1:
+                raise ValueError(f"the read-out has {K} outputs; pass target= (an int, a list of B ints, or a "
+                                 "tensor of shape (B,))")
+            target = 0
+        if isinstance(target, tuple):
+            raise ValueError("tuple targets address multi-dimensional outputs; this read-out's output is (B, K)")
+        t = torch.as_tensor(target, dtype=torch.long).flatten().cpu()
+        if t.numel() == 1:
+            t = t.expand(batch)
+        if t.numel() != batch:
+            raise ValueError(f"got {t.numel()} targets for a batch of {batch}; give one int or one per example")
+        if (t < 0).any() or (t >= K).any():
+            raise ValueError(f"target {t.tolist()} out of range: the read-out has K={K} outputs (0..{K - 1})")
+        return t.to(self.readout.device)
+
+    def contributions(self, inputs: Tensor, sink: Optional[str] = None, bias: Optional[str] = None) -> Contributions:
+        """The full :class:`Contributions` object behind an attribution."""
+        return decompose(self.spec, inputs, sink=sink or self.defaults["sink"], bias=bias or self.defaults["bias"])
+
+    def attribute(self, inputs: Union[Tensor, tuple], target: Any = None, additional_forward_args: Any = None,
+                  *, granularity: Optional[str] = None, sink: Optional[str] = None, bias: Optional[str] = None,
+                  return_convergence_delta: bool = False, attribute_to_layer_input: bool = False):
+        r"""Attributions of ``forward_func(inputs)[:, target]``.
+
+        Args:
+            inputs: images (B, 3, H, W), or a 1-tuple holding them (then a 1-tuple is returned).
+            target: int, list of B ints, or a (B,) tensor (Captum semantics); optional when K == 1.
+            additional_forward_args: passed to ``forward_func`` when computing the convergence delta only; the
+                decomposition reads the images alone.
+            granularity: ``"spatial"`` (B, 1, h, w) | ``"pair"`` (B, H, C) | ``"head"`` (B, H) |
+                ``"neuron"`` (B, C) | ``"token"`` (B, T).
+            sink, bias: see :func:`nha_plugin.decompose`.
+            return_convergence_delta: also return (B,) residuals ``sum(attr) + constant terms - f(x)[target]``.
+            attribute_to_layer_input: unsupported (the decomposition is of layer4's output); must be False.
+
+        Returns:
+            attributions, or ``(attributions, delta)``.
+        """
+        if attribute_to_layer_input:
+            raise ValueError("attribute_to_layer_input=True is not supported: the decomposition is of layer4's output")
+        granularity = granularity or self.defaults["granularity"]
+        self._check_granularity(granularity)
+        is_tuple = isinstance(inputs, tuple)
+        if is_tuple:
+            if len(inputs) != 1:
+                raise ValueError(f"expected one input tensor of images; got a tuple of {len(inputs)}")
+            inputs = inputs[0]
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"expected images as a tensor (B, 3, H, W); got {type(inputs).__name__}")
+        targets = self._targets(target, inputs.shape[0])
+        contrib = self.contributions(inputs, sink, bias)
+        e = self.readout[:, targets].T.to(contrib.pair_coefficients.dtype)          # (B, D) per image
+        factor = torch.full((inputs.shape[0],), self.logit_scale, dtype=e.dtype, device=e.device)
+        if self.normalize:
+            factor = factor / contrib.embedding.norm(dim=-1)
+        level = "spatial" if granularity == "spatial" else granularity
+        attr = contrib.scores(e, level=level, per_image=True) * factor.view(-1, *([1] * (1 if level != "spatial" else 2)))
+        if granularity == "spatial":
+            attr = attr.unsqueeze(1)
+        out = (attr,) if is_tuple else attr
+        if not return_convergence_delta:
+            return out
+        rest = contrib.bias_score(e, per_image=True)
+        if granularity == "spatial":
+            rest = rest + contrib.positional_score(e, per_image=True)
+        if granularity in ("spatial", "token"):
+            rest = rest + contrib.sink_score(e, level=granularity, per_image=True)
+        total = attr.flatten(start_dim=1).sum(dim=1) + rest * factor
+        with torch.no_grad():
+            extra = additional_forward_args if additional_forward_args is not None else ()
+            extra = extra if isinstance(extra, tuple) else (extra,)
+            logits = self.forward_func(inputs, *extra)
+        reference = logits.gather(1, targets.view(-1, 1)).squeeze(1).to(total.dtype)
+        return out, total - reference

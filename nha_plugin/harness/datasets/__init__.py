@@ -1,0 +1,1 @@
+"""Datasets for the harness: generated ground-truth scenes (``scenes``)."""

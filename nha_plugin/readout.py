@@ -1,0 +1,101 @@
+"""Linear read-outs of the image embedding: the forward functions Captum methods attribute.
+
+Each is an ``nn.Module`` mapping images (B, 3, H, W) to logits (B, K) and carries its read-out in
+attributes the decomposition recognises (``readout`` (D, K), ``logit_scale``, ``normalize``, ``model``), so
+``NeuronHeadAttribution`` never needs to import this module.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LinearReadout", "ZeroShotClassifier", "TextSimilarity", "encode_image", "encode_texts",
+           "DEFAULT_TEMPLATES"]
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def encode_image(model: nn.Module, images: Tensor) -> Tensor:
+    """Unnormalised image embedding (B, D) from a CLIP model, its image tower, or a timm CLIP ResNet."""
+    if hasattr(model, "encode_image"):
+        try:
+            return model.encode_image(images, normalize=False)
+        except TypeError:
+            return model.encode_image(images)
+    return model(images)
+
+
+@torch.no_grad()
+def encode_texts(model: nn.Module, tokenizer: Callable, texts: Sequence[str], batch_size: int = 256) -> Tensor:
+    """Unit-norm text embeddings (N, D)."""
+    if not hasattr(model, "encode_text"):
+        raise TypeError(f"{type(model).__name__} has no encode_text; pass a whole CLIP model (image and text towers)")
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[i:i + batch_size])).to(device)
+        out.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    return torch.cat(out)
+
+
+class LinearReadout(nn.Module):
+    """logits = logit_scale * normalize?(encode_image(images)) @ readout.
+
+    Args:
+        model: a CLIP-ResNet (whole model or image tower).
+        readout: (D, K) matrix, one column per output.
+        logit_scale: multiplies the logits (CLIP uses 100 for zero-shot classification).
+        normalize: divide the image embedding by its norm first (cosine read-out).
+        labels: optional names of the K outputs.
+    """
+
+    def __init__(self, model: nn.Module, readout: Tensor, logit_scale: float = 1.0, normalize: bool = True,
+                 labels: Optional[Sequence[str]] = None):
+        super().__init__()
+        if readout.dim() != 2:
+            raise ValueError(f"readout must be a (D, K) matrix; got shape {tuple(readout.shape)}")
+        self.model = model
+        param = next(model.parameters())
+        self.register_buffer("readout", readout.to(device=param.device, dtype=param.dtype))
+        self.logit_scale = float(logit_scale)
+        self.normalize = bool(normalize)
+        self.labels = list(labels) if labels is not None else None
+
+    def forward(self, images: Tensor) -> Tensor:
+        y = encode_image(self.model, images)
+        if y.shape[-1] != self.readout.shape[0]:
+            raise ValueError(f"the image embedding has D={y.shape[-1]} but the read-out expects "
+                             f"{self.readout.shape[0]} rows")
+        if self.normalize:
+            y = F.normalize(y, dim=-1)
+        return self.logit_scale * y @ self.readout
+
+
+class ZeroShotClassifier(LinearReadout):
+    """CLIP zero-shot classifier: each class's text embedded with every template (each normalised, averaged,
+    renormalised); logits = 100 * cos(image, class)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Callable, class_names: Sequence[str],
+                 templates: Sequence[str] = DEFAULT_TEMPLATES, logit_scale: float = 100.0):
+        if not class_names:
+            raise ValueError("class_names is empty; give at least one class")
+        rows = []
+        for name in class_names:
+            emb = encode_texts(model, tokenizer, [t.format(name) for t in templates])
+            rows.append(F.normalize(emb.mean(dim=0), dim=-1))
+        super().__init__(model, torch.stack(rows, dim=1), logit_scale=logit_scale, normalize=True,
+                         labels=class_names)
+        self.templates = list(templates)
+
+
+class TextSimilarity(LinearReadout):
+    """Cosine similarity between images and each of ``texts`` (no templates); logits (B, len(texts))."""
+
+    def __init__(self, model: nn.Module, tokenizer: Callable, texts: Sequence[str], logit_scale: float = 1.0):
+        if not texts:
+            raise ValueError("texts is empty; give at least one text")
+        super().__init__(model, encode_texts(model, tokenizer, texts).T, logit_scale=logit_scale,
+                         normalize=True, labels=texts)

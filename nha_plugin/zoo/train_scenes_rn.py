@@ -1,0 +1,251 @@
+"""Train the bundled ``scenes-rn`` CLIP-ResNet contrastively on generated scenes (seeded, resumable).
+
+Batch ``s`` holds scenes ``(seed, s * batch_size + b)`` of :mod:`nha_plugin.harness.datasets.scenes` and
+one caption per scene drawn with ``default_rng((seed, 1, s))``, so a run is a pure function of its
+arguments, and a resumed run sees exactly the batches an uninterrupted one would. Captions can be true of
+several scenes of a batch ("a red object"); the loss therefore treats every caption whose facts hold
+for a scene as a positive of that scene (a multi-positive CLIP loss, both directions).
+
+Usage:
+    python -m nha_plugin.zoo.train_scenes_rn --steps 3000 --checkpoint /tmp/scenes_rn.pt
+    python -m nha_plugin.zoo.train_scenes_rn --evaluate-only          # score the bundled weights
+
+The held-out evaluation (:func:`evaluate`) uses seeds never used in training (``EVAL_SEED`` and up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nha_plugin.harness.datasets import scenes as S
+from nha_plugin.zoo._scenes_rn import (
+    ZOO_DIR,
+    build_scenes_rn,
+    images_to_tensor,
+    load_scenes_rn,
+    load_state_dict_file,
+    scenes_rn_config,
+)
+
+TRAIN_SEED = 0
+EVAL_SEED = 1000  # held-out: evaluation uses EVAL_SEED, EVAL_SEED + 1, EVAL_SEED + 2
+
+PROMPTS = {
+    "colour": "a photo of a {} object",
+    "name": "a photo of {}",  # {} is "a star" / "an astronaut"
+    "background": "a photo of something on {}",
+}
+
+
+def prompt_sets() -> Dict[str, List[str]]:
+    """The zero-shot prompts of :func:`evaluate`, one per class."""
+    return {
+        "colour": [PROMPTS["colour"].format(c) for c in S.COLOURS],
+        "name": [PROMPTS["name"].format(S._article(n)) for n in S.SHAPES + S.CATEGORIES],
+        "background": [PROMPTS["background"].format(b) for b in S.BACKGROUNDS],
+    }
+
+
+def _eval_sets(n: int, seed: int):
+    """(task, dataset, label function) for the three held-out tasks."""
+    return [
+        ("colour", S.SceneDataset(n, seed, n_objects=1, kinds=("shape",)),
+         lambda sc: list(S.COLOURS).index(sc.objects[0].colour)),
+        ("name", S.SceneDataset(n, seed + 1, n_objects=1),
+         lambda sc: list(S.SHAPES + S.CATEGORIES).index(sc.objects[0].name)),
+        ("background", S.SceneDataset(n, seed + 2),
+         lambda sc: list(S.BACKGROUNDS).index(sc.background)),
+    ]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, n: int = 300, seed: int = EVAL_SEED, batch_size: int = 100,
+             device: Optional[torch.device] = None) -> Dict[str, object]:
+    """Zero-shot accuracy on freshly generated held-out scenes.
+
+    Tasks: ``colour`` of the single shape of 1-object scenes (6 classes), ``name``: shape or photo
+    category of the single object of 1-object scenes (5 shapes + 5 categories = 10 classes), and
+    ``background`` of scenes with 1-3 objects (6 classes). Each task has ``n`` scenes.
+
+    Returns:
+        ``{"colour": acc, "name": acc, "background": acc, "n": n, "seed": seed, "prompts": {...}}``.
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    out: Dict[str, object] = {"n": n, "seed": seed, "prompts": PROMPTS}
+    prompts = prompt_sets()
+    for task, ds, label_of in _eval_sets(n, seed):
+        text = F.normalize(model.encode_text(tokenizer(prompts[task]).to(device)), dim=-1)
+        correct = 0
+        for start in range(0, n, batch_size):
+            batch = [ds[i] for i in range(start, min(n, start + batch_size))]
+            x = images_to_tensor(np.stack([sc.image for sc in batch])).to(device)
+            img = F.normalize(model.encode_image(x), dim=-1)
+            pred = (img @ text.T).argmax(-1).cpu()
+            correct += int((pred == torch.tensor([label_of(sc) for sc in batch])).sum())
+        out[task] = correct / n
+    model.train(was_training)
+    return out
+
+
+def multi_positive_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                             positives: torch.Tensor) -> torch.Tensor:
+    """CLIP loss where ``positives`` (B, B) marks every (image i, caption j) pair whose caption is true of the
+    image; targets are uniform over the positives of each row (image -> text) and column (text -> image)."""
+    logits = logit_scale * image_features @ text_features.T
+    p = positives.float()
+    loss_i = -(p / p.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t = -(p / p.sum(0, keepdim=True) * F.log_softmax(logits, dim=0)).sum(0).mean()
+    return (loss_i + loss_t) / 2
+
+
+def make_batch(step: int, batch_size: int, seed: int, tokenizer):
+    """Images (B, 3, 224, 224), tokens (B, L) and the (B, B) positives matrix of training step ``step``."""
+    scenes = [S.generate_scene((seed, step * batch_size + b)) for b in range(batch_size)]
+    rng = np.random.default_rng((seed, 1, step))
+    caps = [S.sample_caption(sc, rng) for sc in scenes]
+    positives = torch.tensor([[S.facts_hold(facts, sc) for _, facts in caps] for sc in scenes])
+    x = images_to_tensor(np.stack([sc.image for sc in scenes]))
+    return x, tokenizer([t for t, _ in caps]), positives
+
+
+def export_weights(model, path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write the state dict as safetensors (floating tensors in fp16), atomically."""
+    from safetensors.torch import save_file
+
+    sd = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()).contiguous()
+          for k, v in model.state_dict().items()}
+    tmp = Path(str(path) + ".tmp")
+    save_file(sd, str(tmp), metadata=metadata or {})
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m nha_plugin.zoo.train_scenes_rn", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (cosine schedule length)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=TRAIN_SEED, help="training seed (data and init)")
+    p.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="held-out seed; must differ from --seed")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-n", type=int, default=300, help="held-out scenes per task")
+    p.add_argument("--checkpoint", type=Path, default=Path("scenes_rn_checkpoint.pt"),
+                   help="resumable checkpoint (model, optimizer, step); resumed from when it exists")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--out", type=Path, default=ZOO_DIR / "scenes-rn.safetensors",
+                   help="safetensors written at the end (the checkpoint with the best held-out score)")
+    p.add_argument("--config", type=Path, default=None, help="model config (default: the bundled scenes-rn.json)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--evaluate-only", action="store_true", help="only evaluate --out (default: bundled weights)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.eval_seed == args.seed:
+        raise ValueError(f"--eval-seed must differ from the training --seed; got {args.eval_seed} for both")
+    if args.evaluate_only:
+        model, _, tokenizer = load_scenes_rn(device, weights=args.out if args.out.exists() else None)
+        result = evaluate(model, tokenizer, n=args.eval_n, seed=args.eval_seed, device=device)
+        print(json.dumps(result))
+        return result
+
+    import open_clip
+    from tqdm import tqdm
+
+    cfg = scenes_rn_config(args.config)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
+    torch.manual_seed(args.seed)
+    model = build_scenes_rn(cfg).to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    step, best, history = 0, None, []
+    if args.checkpoint.exists():
+        state = torch.load(args.checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, best, history = state["step"], state.get("best"), state.get("history", [])
+        print(f"resumed from {args.checkpoint} at step {step}", flush=True)
+
+    def save(step: int) -> None:
+        _save_checkpoint(args.checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                           "best": best, "history": history, "args": vars(args)})
+
+    def eval_and_keep_best(step: int) -> None:
+        nonlocal best
+        result = evaluate(model, tokenizer, n=args.eval_n, seed=args.eval_seed, device=device)
+        result["step"] = step
+        history.append({k: v for k, v in result.items() if k != "prompts"})
+        score = min(result["colour"] / 0.9, result["name"] / 0.9, result["background"] / 0.8)
+        print(f"eval step {step}: colour {result['colour']:.3f} name {result['name']:.3f} "
+              f"background {result['background']:.3f}", flush=True)
+        if best is None or score >= best["score"]:
+            best = {"score": score, **{k: v for k, v in result.items() if k != "prompts"}}
+            meta = {"step": str(step), "seed": str(args.seed), "eval": json.dumps(best)}
+            export_weights(model, args.out, meta)
+            _save_checkpoint(Path(str(args.checkpoint) + ".best"), {"model": model.state_dict(), "best": best})
+
+    t0, losses = time.time(), []
+    bar = tqdm(total=args.steps, initial=step, disable=args.quiet, mininterval=5)
+    while step < args.steps:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, args.steps, args.lr, args.warmup)
+        x, tokens, positives = make_batch(step, args.batch_size, args.seed, tokenizer)
+        img, txt, scale = model(x.to(device), tokens.to(device))
+        loss = multi_positive_clip_loss(img, txt, scale, positives.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss.detach()))
+        step += 1
+        bar.update(1)
+        if step % 50 == 0 or step == args.steps:
+            print(f"step {step} loss {np.mean(losses[-50:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"scale {model.logit_scale.exp().item():.1f} {(time.time() - t0):.0f}s", flush=True)
+        if step % args.eval_every == 0 or step == args.steps:
+            eval_and_keep_best(step)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            save(step)
+    bar.close()
+    print(json.dumps({"best": best, "steps": step, "seconds": round(time.time() - t0, 1)}), flush=True)
+    return {"best": best, "history": history, "final_loss": losses[-1] if losses else None}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
