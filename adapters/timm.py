@@ -21,4 +21,4 @@ def spec_from_model(model: nn.Module) -> AttentionPoolSpec:
     return AttentionPoolSpec(**pool_weights_from_module(head), trunk=model.forward_features, pool=head,
                              image_size=size, trunk_module=model,
                              layer4=model.final_conv if not isinstance(getattr(model, "final_conv", None), nn.Identity)
-                             else (stages[-1] if stages is not None else None), source="timm")
+                             else (stages[-1] if stages is not None else None), source="timm", pool_resizes=True)

@@ -31,6 +31,7 @@ from .spec import AttentionPoolSpec
 
 __all__ = [
     "Contributions", "decompose_features", "pair_directions", "constant_term", "target_weights",
+    "neuron_contributions",
     "interpolate_positional_embedding", "LEVELS", "SINK_MODES", "BIAS_MODES",
 ]
 
@@ -61,6 +62,15 @@ def pair_directions(spec: AttentionPoolSpec, heads: Optional[slice] = None) -> T
     return torch.einsum("Dhj,hjn->hnD", wo, wv)
 
 
+def neuron_contributions(spec: AttentionPoolSpec, coeffs: Tensor, neurons: Optional[Tensor] = None) -> Tensor:
+    """sum_h s[h,n] u[h,n] for coefficients (B, H, C): (B, C', D), C' = selected neurons (all by default)."""
+    _, wv = _head_split(spec)
+    if neurons is not None:
+        wv, coeffs = wv[..., neurons], coeffs[..., neurons]
+    scaled = rearrange(wv[None] * coeffs[:, :, None, :], "b h j n -> b n (h j)")   # s[h,n] W_v^h[:, n]
+    return scaled @ spec.c_weight.T
+
+
 def constant_term(spec: AttentionPoolSpec) -> Tensor:
     """beta = b_o + sum_h W_o^h b_v^h = c_proj(b_v), shape (D,)."""
     return spec.c_bias + spec.c_weight @ spec.v_bias
@@ -88,7 +98,9 @@ def interpolate_positional_embedding(pos: Tensor, grid: tuple[int, int]) -> Tens
     if (g, g) == tuple(grid):
         return pos
     spatial = rearrange(pos[1:], "(a b) c -> 1 c a b", a=g, b=g)
-    spatial = F.interpolate(spatial.float(), size=tuple(grid), mode="bicubic", align_corners=False).to(pos.dtype)
+    work = spatial if spatial.dtype == torch.float64 else spatial.float()
+    # antialias as timm does (it only matters when shrinking the grid)
+    spatial = F.interpolate(work, size=tuple(grid), mode="bicubic", align_corners=False, antialias=True).to(pos.dtype)
     return torch.cat([pos[:1], rearrange(spatial, "1 c a b -> (a b) c")], dim=0)
 
 
@@ -181,14 +193,24 @@ class Contributions:
         return self._embedding
 
     @property
+    def has_model_reference(self) -> bool:
+        """Whether the model's own pool can run on these features (a pool exists and takes this grid)."""
+        native = self.grid == (self.spec.grid_size, self.spec.grid_size)
+        return self.spec.pool is not None and (native or self.spec.pool_resizes)
+
+    @property
     def model_embedding(self) -> Tensor:
         """The unmodified model's attention-pool output on the same features, (B, D)."""
+        if not self.has_model_reference:
+            raise RuntimeError("the model's own attention pool cannot run here (no pool in the spec, or it does "
+                               f"not accept the {self.grid} grid); compare with .embedding instead")
         if self._model_embedding is None:
-            if self.spec.pool is None:
-                raise RuntimeError("this spec carries no reference pool; the model's own output is unavailable")
             with torch.no_grad():
                 self._model_embedding = self.spec.pool(self.features)
         return self._model_embedding
+
+    def _reference_embedding(self) -> Tensor:
+        return self.model_embedding if self.has_model_reference else self.embedding
 
     def pair_contributions(self, heads: Optional[slice] = None) -> Tensor:
         """Dense contributions s[h,n] u[h,n], (B, H, C, D). For small models and tests only."""
@@ -205,11 +227,7 @@ class Contributions:
 
     def neuron_contributions(self, neurons: Optional[Tensor] = None) -> Tensor:
         """Per-neuron output sum_h s[h,n] u[h,n], (B, C', D) for the selected neurons (all by default)."""
-        wo, wv = _head_split(self.spec)
-        s = self.pair_coefficients
-        if neurons is not None:
-            wv, s = wv[..., neurons], s[..., neurons]
-        return torch.einsum("Dhj,hjn,bhn->bnD", wo, wv, s)
+        return neuron_contributions(self.spec, self.pair_coefficients, neurons)
 
     # ---- targets ------------------------------------------------------------------------------------
     def _canonical_target(self, target: Tensor, per_image: Optional[bool]) -> tuple[Tensor, str]:
@@ -380,9 +398,9 @@ class Contributions:
         return self._finish(out, kind, self._scale(e, normalize))
 
     def total_score(self, target: Tensor, normalize: bool = False, per_image: Optional[bool] = None) -> Tensor:
-        """y . e from the unmodified model's attention pool when available (else the rebuilt embedding)."""
+        """y . e from the unmodified model's attention pool when it can run (else the rebuilt embedding)."""
         e, kind = self._canonical_target(target, per_image)
-        y = self.model_embedding if self.spec.pool is not None else self.embedding
+        y = self._reference_embedding()
         out = torch.einsum("bD,bDk->bk", y.to(e.dtype), e.expand(self.batch_size, -1, -1))
         return self._finish(out, kind, self._scale(e, normalize))
 
@@ -393,7 +411,7 @@ class Contributions:
         Without a target: ||beta + sum s u - y|| / ||y||, shape (B,). With a target: |sum of the level's
         scores + the terms reported beside them - y . e| / (||y|| ||e||), shape (B,) or (B, K).
         """
-        y = self.model_embedding if self.spec.pool is not None else self.embedding
+        y = self._reference_embedding()
         if target is None:
             return (self.embedding - y).norm(dim=-1) / y.norm(dim=-1)
         parts = self.scores(target, level=level, per_image=per_image)

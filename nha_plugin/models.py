@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import warnings
 import zipfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -113,7 +114,9 @@ def read_state_dict(path: Union[str, Path], allow_pickle: bool = False) -> dict:
         from safetensors.torch import load_file
         sd = load_file(str(path))
     elif _is_torchscript(path):
-        sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # torch.jit's deprecation notice: nothing to act on
+            sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     else:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -210,7 +213,10 @@ def load_clip(name: str = "scenes-rn", pretrained: Optional[str] = None, *, devi
         for key in _OPENAI_EXTRA_KEYS:
             sd.pop(key, None)
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"weights in {pretrained} do not fit {name!r}: {err}") from err
         if missing or unexpected:
             raise ValueError(f"weights in {pretrained} do not fit {name!r}: {len(missing)} missing keys "
                              f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")

@@ -29,7 +29,8 @@ class AttentionPoolSpec:
     - ``positional_embedding``: ``(T, C)`` at the native grid ``grid_size``
     - ``trunk``: images ``(B, 3, S, S)`` -> layer4 output ``(B, C, h, w)`` (post-ReLU)
     - ``pool``: the model's own attention-pool forward, ``(B, C, h, w) -> (B, D)``; used only to check
-      completeness against the unmodified model.
+      completeness against the unmodified model. ``pool_resizes`` says whether it accepts other grids than
+      the native one (timm's does; open_clip's and OpenAI's do not).
     """
 
     q_weight: Tensor
@@ -48,6 +49,7 @@ class AttentionPoolSpec:
     trunk_module: Optional[nn.Module] = None
     layer4: Optional[nn.Module] = None
     source: str = "unknown"
+    pool_resizes: bool = False
     extra: dict = field(default_factory=dict)
     _WEIGHTS = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "c_weight", "c_bias",
                 "positional_embedding")
@@ -112,7 +114,9 @@ def pool_weights_from_module(pool: nn.Module) -> dict:
     Values are read from parameters, never from the module's forward, so a pool that calls
     ``scaled_dot_product_attention`` internally decomposes the same way.
     """
-    C = None
+    wrapped = getattr(pool, "pool", None)
+    if isinstance(wrapped, nn.Module) and hasattr(pool, "hook_pattern"):
+        pool = wrapped  # a HookedAttentionPool: read the pool it wraps
     if all(hasattr(pool, n) for n in ("q_proj", "k_proj", "v_proj")):
         (qw, qb), (kw, kb), (vw, vb) = (_linear(getattr(pool, n)) for n in ("q_proj", "k_proj", "v_proj"))
     elif getattr(pool, "q", None) is not None and getattr(pool, "k", None) is not None:
