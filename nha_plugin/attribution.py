@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from captum.attr import LayerAttribution
+from captum.log import log_usage
 from torch import Tensor, nn
 
 from .adapters import get_spec
@@ -123,6 +124,8 @@ class NeuronHeadAttribution(LayerAttribution):
         """The full :class:`Contributions` object behind an attribution."""
         return decompose(self.spec, inputs, sink=sink or self.defaults["sink"], bias=bias or self.defaults["bias"])
 
+    # Captum's NoiseTunnel calls attribute.__wrapped__; log_usage supplies it as on Captum's own methods.
+    @log_usage()
     def attribute(self, inputs: Union[Tensor, tuple], target: Any = None, additional_forward_args: Any = None,
                   *, granularity: Optional[str] = None, sink: Optional[str] = None, bias: Optional[str] = None,
                   return_convergence_delta: bool = False, attribute_to_layer_input: bool = False):
@@ -159,8 +162,8 @@ class NeuronHeadAttribution(LayerAttribution):
         factor = torch.full((inputs.shape[0],), self.logit_scale, dtype=e.dtype, device=e.device)
         if self.normalize:
             factor = factor / contrib.embedding.norm(dim=-1)
-        level = "spatial" if granularity == "spatial" else granularity
-        attr = contrib.scores(e, level=level, per_image=True) * factor.view(-1, *([1] * (1 if level != "spatial" else 2)))
+        attr = contrib.scores(e, level=granularity, per_image=True)
+        attr = attr * factor.view(-1, *([1] * (attr.dim() - 1)))
         if granularity == "spatial":
             attr = attr.unsqueeze(1)
         out = (attr,) if is_tuple else attr

@@ -1,0 +1,109 @@
+"""Named hook points: swapped in and out with identical outputs, live edits, and the TransformerLens adapter."""
+import pytest
+import torch
+
+import nha_plugin as nha
+from nha_plugin.adapters import get_spec
+from nha_plugin.decomposition import constant_term
+from nha_plugin.hooks import HOOK_NAMES, HookedAttentionPool, hooked
+
+from conftest import images_for
+
+SHAPES = {"hook_tokens": (2, 17, 512), "hook_q": (2, 17, 8, 64), "hook_k": (2, 17, 8, 64),
+          "hook_v": (2, 17, 8, 64), "hook_attn_scores": (2, 8, 17), "hook_pattern": (2, 8, 17),
+          "hook_pair_coeffs": (2, 8, 512), "hook_z": (2, 8, 64), "hook_result": (2, 8, 64), "hook_out": (2, 64)}
+
+
+def test_hooked_output_equals_original_and_is_restored(tiny64):
+    x = images_for(tiny64)
+    original = tiny64.visual.attnpool
+    with torch.no_grad():
+        y = tiny64.encode_image(x)
+        seen = {}
+        with hooked(tiny64) as pool:
+            assert isinstance(tiny64.visual.attnpool, HookedAttentionPool)
+            for name in HOOK_NAMES:
+                getattr(pool, name).register_forward_hook(lambda m, i, o, n=name: seen.__setitem__(n, o))
+            y_hooked = tiny64.encode_image(x)
+    assert tiny64.visual.attnpool is original
+    assert torch.allclose(y, y_hooked, atol=1e-12)
+    assert {k: tuple(v.shape) for k, v in seen.items()} == SHAPES
+    contrib = nha.decompose(tiny64, x)
+    assert torch.allclose(seen["hook_pair_coeffs"], contrib.pair_coefficients, atol=1e-12)
+    assert torch.allclose(seen["hook_pattern"], contrib.attention, atol=1e-12)
+
+
+def test_restored_after_exception(tiny64):
+    original = tiny64.visual.attnpool
+    with pytest.raises(RuntimeError, match="boom"):
+        with hooked(tiny64):
+            raise RuntimeError("boom")
+    assert tiny64.visual.attnpool is original
+
+
+def test_ablating_pair_coefficients_removes_exactly_those_pairs(tiny64):
+    """Zeroing s for head 3 (all neurons) through the hook subtracts head 3's pair contributions."""
+    x = images_for(tiny64)
+    contrib = nha.decompose(tiny64, x)
+    e = torch.randn(64, dtype=torch.float64)
+    with torch.no_grad(), hooked(tiny64) as pool:
+        def ablate(module, inputs, output):
+            output = output.clone()
+            output[:, 3] = 0
+            return output
+        pool.hook_pair_coeffs.register_forward_hook(ablate)
+        y_ablated = tiny64.encode_image(x)
+    expected = contrib.total_score(e) - contrib.scores(e, "head")[:, 3]
+    assert torch.allclose(y_ablated @ e, expected, atol=1e-10)
+
+
+def test_hook_positions_in_timm_model(rn50_64):
+    timm = pytest.importorskip("timm")
+    from timm.models.byobnet import checkpoint_filter_fn
+    tm = timm.create_model("resnet50_clip", pretrained=False, num_classes=1024)
+    tm.load_state_dict(checkpoint_filter_fn(rn50_64.state_dict(), tm))
+    tm = tm.eval().double()
+    x = images_for(224, batch=1)
+    with torch.no_grad():
+        y = tm(x)
+        with hooked(tm):
+            assert torch.allclose(tm(x), y, atol=1e-10)
+    assert not isinstance(tm.head, HookedAttentionPool)
+
+
+def test_transformer_lens_adapter(tiny64):
+    tl_mod = pytest.importorskip("nha_plugin.adapters.transformer_lens")
+    from transformer_lens import HookedRootModule
+    tl = tl_mod.HookedCLIPResNet(tiny64)
+    assert isinstance(tl, HookedRootModule)
+    assert "attnpool.hook_pattern" in tl.hook_dict and "hook_layer4" in tl.hook_dict
+    x = images_for(tiny64)
+    with torch.no_grad():
+        y = tiny64.encode_image(x)
+        out, cache = tl.run_with_cache(x)
+    assert torch.allclose(out, y, atol=1e-12)
+    spec = get_spec(tiny64).detached()
+    heads, labels = cache.stack_head_results(return_labels=True)
+    assert heads.shape == (8, 2, 64) and labels[:2] == ["H0", "H1"]
+    assert torch.allclose(heads.sum(0) + spec.c_bias, y, atol=1e-10)
+    neurons, nlabels = cache.stack_neuron_results(return_labels=True)
+    assert neurons.shape == (512, 2, 64) and nlabels[17] == "N17"
+    assert torch.allclose(neurons.sum(0) + constant_term(spec), y, atol=1e-10)
+    pairs, plabels = cache.stack_pair_results(heads=[3], neurons=[17, 18], return_labels=True)
+    assert plabels == ["H3N17", "H3N18"]
+    dense = nha.decompose(tiny64, x).pair_contributions()
+    assert torch.allclose(pairs[0], dense[:, 3, 17], atol=1e-12)
+    e = torch.randn(64, dtype=torch.float64)
+    scores = cache.stack_pair_results(target=e)
+    assert torch.allclose(scores.sum(0) + constant_term(spec) @ e, y @ e, atol=1e-10)
+
+    def zero_head(pattern, hook):
+        pattern = pattern.clone()
+        pattern[:, 0] = 0
+        return pattern
+    with torch.no_grad():
+        ablated = tl.run_with_hooks(x, fwd_hooks=[("attnpool.hook_pattern", zero_head)])
+    assert not torch.allclose(ablated, y)
+    # a zero attention row leaves head 0 contributing nothing, bias included
+    assert torch.allclose(ablated, y - heads[0], atol=1e-10)
+    assert all(len(h._forward_hooks) == 0 for h in tl.hook_dict.values())
