@@ -1,0 +1,166 @@
+"""Plain forward vs full pair decomposition vs the reference's dense per-pair layout, side by side.
+
+For each model: images/s of ``encode_image`` (plain forward); images/s of the trunk + the exact
+decomposition + scores at every granularity (pair, head, neuron, token, spatial) for one target; images/s
+of the dense (B, H, C, D) layout the reference materialises (small batch); bytes stored per image by each.
+Prints a table with the ratio to the plain forward and writes JSON + Markdown under benchmarks/results/.
+
+    python benchmarks/decomposition_speed.py                        # RN50 and RN50x16 on CPU, fp32
+    python benchmarks/decomposition_speed.py --device cuda --dtype bf16 --batch 64
+    python benchmarks/decomposition_speed.py --quick                # tiny model, seconds (CI smoke run)
+
+Models are random-init (speed does not depend on the weights); nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import torch
+
+import nha_plugin as nha
+from nha_plugin.adapters import get_spec
+from nha_plugin.decomposition import LEVELS, decompose_features
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TINY = dict(embed_dim=64, vision_cfg=dict(layers=[1, 1, 1, 1], width=16, head_width=64, image_size=128),
+            text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: str, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    _sync(device)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def build(name: str, device: str, dtype: torch.dtype):
+    if name == "tiny":
+        model = open_clip.model.CLIP(**TINY)
+    else:
+        model = open_clip.create_model(name, pretrained=None)
+    return model.visual.to(device=device, dtype=dtype).eval()
+
+
+def bench_model(name: str, device: str, dtype: torch.dtype, batch: int, dense_batch: int, repeats: int) -> dict:
+    visual = build(name, device, dtype)
+    spec = get_spec(visual).detached()
+    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    target = torch.randn(spec.output_dim, device=device, dtype=dtype)
+
+    def forward():
+        with torch.no_grad():
+            visual(x)
+
+    def decomposition():
+        with torch.no_grad():
+            contrib = decompose_features(spec, spec.trunk(x))
+            for level in LEVELS:
+                contrib.scores(target, level=level)
+            contrib.bias_score(target)
+            contrib.positional_score(target)
+
+    xd = x[:dense_batch]
+
+    def dense():
+        with torch.no_grad():
+            contrib = decompose_features(spec, spec.trunk(xd))
+            contrib.pair_contributions() @ target
+
+    t_fwd = _time(forward, device, repeats)
+    t_dec = _time(decomposition, device, repeats)
+    t_dense = _time(dense, device, max(1, repeats // 2))
+    H, C, D = spec.num_heads, spec.num_neurons, spec.output_dim
+    item = torch.tensor([], dtype=dtype).element_size()
+    row = {
+        "model": name, "device": device, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
+        "dense_batch": dense_batch, "H": H, "C": C, "D": D,
+        "forward_img_s": batch / t_fwd, "decomposition_img_s": batch / t_dec, "dense_img_s": dense_batch / t_dense,
+        "bytes_per_image_decomposition": H * C * item, "bytes_per_image_dense": H * C * D * item,
+    }
+    row["decomposition_ratio"] = row["decomposition_img_s"] / row["forward_img_s"]
+    row["dense_ratio"] = row["dense_img_s"] / row["forward_img_s"]
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# decomposition_speed ({meta['device']}, {meta['dtype']})", "",
+             f"{meta['when']} · torch {meta['torch']} · {meta['hardware']} · threads {meta['threads']}", "",
+             "| model | batch | forward img/s | decomposition img/s | ratio | dense img/s (batch) | dense ratio |"
+             " bytes/img ours | bytes/img dense |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['forward_img_s']:.2f} | {r['decomposition_img_s']:.2f} | "
+                     f"{r['decomposition_ratio']:.3f} | {r['dense_img_s']:.2f} ({r['dense_batch']}) | "
+                     f"{r['dense_ratio']:.3f} | {r['bytes_per_image_decomposition']:,} | "
+                     f"{r['bytes_per_image_dense']:,} |")
+    lines += ["", "decomposition = trunk + exact pair coefficients + scores at pair, head, neuron, token and "
+              "spatial level for one target (+ bias and positional terms). dense = the reference's (B, H, C, D) "
+              "per-pair contributions, projected on the same target. Target: ratio >= 0.9."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["RN50", "RN50x16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch", type=int, default=None, help="default: 64 on CUDA, 4 on CPU")
+    p.add_argument("--dense-batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="tiny model only, for a smoke run")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("CUDA requested but not available; use --device cpu", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    batch = args.batch or (64 if cuda else 4)
+    models = ["tiny"] if args.quick else args.models
+    meta = {"device": args.device, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+            "hardware": torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} "
+            f"({os.cpu_count()} cpus)", "threads": torch.get_num_threads(),
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    rows = []
+    for name in models:
+        row = bench_model(name, args.device, dtype, batch, min(args.dense_batch, batch), args.repeats)
+        rows.append(row)
+        print(f"{name:8s} forward {row['forward_img_s']:8.2f} img/s | decomposition {row['decomposition_img_s']:8.2f} "
+              f"img/s ({row['decomposition_ratio']:.3f}x) | dense {row['dense_img_s']:8.2f} img/s "
+              f"({row['dense_ratio']:.3f}x) | bytes/img {row['bytes_per_image_decomposition']:,} vs "
+              f"{row['bytes_per_image_dense']:,}", flush=True)
+    text = markdown(rows, meta)
+    print(text)
+    if not args.quick:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"decomposition_speed_{'cuda' if cuda else 'cpu'}"
+        for suffix, payload in ((".json", json.dumps({"meta": meta, "rows": rows}, indent=2)), (".md", text)):
+            tmp = out / (stem + suffix + ".tmp")
+            tmp.write_text(payload)
+            os.replace(tmp, out / (stem + suffix))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
