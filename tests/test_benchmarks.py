@@ -1,0 +1,22 @@
+"""The benchmark scripts run (tiny model smoke run); their figures live in benchmarks/results/."""
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decomposition_speed_quick(capsys):
+    bench = _load("decomposition_speed")
+    assert bench.main(["--quick", "--repeats", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and "decomposition" in out
+    row = bench.bench_model("tiny", "cpu", bench.DTYPES["fp32"], batch=2, dense_batch=1, repeats=1)
+    assert row["bytes_per_image_decomposition"] == 8 * 512 * 4
+    assert row["bytes_per_image_dense"] == 8 * 512 * 64 * 4
