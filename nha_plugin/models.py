@@ -164,6 +164,10 @@ def _hub_offline_if_unreachable():
 
 
 def _download_hint(name: str, pretrained: Optional[str]) -> str:
+    if name.startswith("hf-hub:"):
+        return (f"could not obtain {name!r}: the model hub is unreachable from here and no cached copy was found. "
+                "Download the repository (open_clip_config.json + weights) where there is network access and "
+                "pass load_clip('local-dir:/path/to/that/folder')")
     return (f"could not obtain pretrained weights for {name!r} (pretrained={pretrained!r}): the model hub is "
             "unreachable from here and no cached copy was found. Download the weights where there is network "
             f"access and pass the file: load_clip({name!r}, pretrained='/path/to/weights.safetensors' "

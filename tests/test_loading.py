@@ -140,3 +140,9 @@ def test_missing_download_fails_fast_with_a_hint(monkeypatch, offline_env):
     with pytest.raises(nha.PretrainedUnavailableError, match="pretrained='/path/to"):
         nha.load_clip("RN50", pretrained="openai")
     assert time.monotonic() - start < 20
+
+
+def test_hf_hub_name_offline_points_to_local_dir(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(nha.PretrainedUnavailableError, match="local-dir:"):
+        nha.load_clip("hf-hub:timm/resnet50_clip.openai")
