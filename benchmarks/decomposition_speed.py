@@ -102,6 +102,43 @@ def bench_model(name: str, device: str, dtype: torch.dtype, batch: int, dense_ba
     return row
 
 
+POOL_DIMS = {"RN50": (2048, 32, 1024, 7), "RN50x16": (3072, 48, 768, 12), "RN50x64": (4096, 64, 1024, 14)}
+
+
+def _pool_memory_worker(name: str, batch: int, queue) -> None:
+    """Peak RSS growth of the attention-pool decomposition + scores at every level (one and 10 targets), on
+    random layer4 features of the model's shape; the trunk is excluded (it is the model's own cost)."""
+    import resource
+
+    from nha_plugin.spec import AttentionPoolSpec
+    C, H, D, g = POOL_DIMS[name]
+    mk = lambda *s: torch.randn(*s) / s[-1] ** 0.5  # noqa: E731
+    spec = AttentionPoolSpec(q_weight=mk(C, C), q_bias=torch.zeros(C), k_weight=mk(C, C), k_bias=torch.zeros(C),
+                             v_weight=mk(C, C), v_bias=torch.zeros(C), c_weight=mk(D, C), c_bias=torch.zeros(D),
+                             positional_embedding=mk(g * g + 1, C), num_heads=H, trunk=None)
+    features = torch.relu(torch.randn(batch, C, g, g))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        contrib = decompose_features(spec, features)
+        for target in (torch.randn(D), torch.randn(D, 10)):
+            for level in LEVELS:
+                contrib.scores(target, level=level)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put({"model": name, "batch": batch, "peak_rss_growth_mib": (after - before) / 1024,
+               "dense_layout_mib": batch * H * C * D * 4 / 2 ** 20})
+
+
+def pool_memory(name: str, batch: int) -> dict:
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_pool_memory_worker, args=(name, batch, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# decomposition_speed ({meta['device']}, {meta['dtype']})", "",
              f"{meta['when']} · torch {meta['torch']} · {meta['hardware']} · threads {meta['threads']}", "",
@@ -113,6 +150,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{r['decomposition_ratio']:.3f} | {r['dense_img_s']:.2f} ({r['dense_batch']}) | "
                      f"{r['dense_ratio']:.3f} | {r['bytes_per_image_decomposition']:,} | "
                      f"{r['bytes_per_image_dense']:,} |")
+    for m in meta.get("memory", []):
+        lines.append("")
+        lines.append(f"Memory, {m['model']} attention pool, batch {m['batch']} (CPU, fp32, trunk excluded): peak RSS "
+                     f"growth {m['peak_rss_growth_mib']:.0f} MiB for the decomposition and scores at every level "
+                     f"(1 and 10 targets); the dense (B, H, C, D) layout alone would take "
+                     f"{m['dense_layout_mib']:,.0f} MiB.")
     lines += ["", "decomposition = trunk + exact pair coefficients + scores at pair, head, neuron, token and "
               "spatial level for one target (+ bias and positional terms). dense = the reference's (B, H, C, D) "
               "per-pair contributions, projected on the same target. Target: ratio >= 0.9."]
@@ -128,6 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--dense-batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny model only, for a smoke run")
+    p.add_argument("--memory", nargs="*", default=["RN50x64"], help="attention-pool memory probe (batch 8)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -149,6 +193,8 @@ def main(argv=None) -> int:
               f"img/s ({row['decomposition_ratio']:.3f}x) | dense {row['dense_img_s']:8.2f} img/s "
               f"({row['dense_ratio']:.3f}x) | bytes/img {row['bytes_per_image_decomposition']:,} vs "
               f"{row['bytes_per_image_dense']:,}", flush=True)
+    if not args.quick:
+        meta["memory"] = [pool_memory(name, 8) for name in args.memory]
     text = markdown(rows, meta)
     print(text)
     if not args.quick:
