@@ -24,3 +24,13 @@ def resnet_trunk(visual: nn.Module):
 
 def is_clip_resnet(visual: nn.Module) -> bool:
     return all(hasattr(visual, n) for n in ("conv1", "conv2", "conv3", "avgpool", "layer4", "attnpool"))
+
+
+def spec_from_resnet(model: nn.Module, image_size, source: str):
+    """The spec of a CLIP ModifiedResNet given as a whole CLIP model (``.visual``) or the tower itself."""
+    from nha_plugin.spec import AttentionPoolSpec, pool_weights_from_module
+    v = getattr(model, "visual", model)
+    if isinstance(image_size, (tuple, list)):
+        image_size = image_size[0]
+    return AttentionPoolSpec(**pool_weights_from_module(v.attnpool), trunk=resnet_trunk(v), pool=v.attnpool,
+                             image_size=image_size, trunk_module=v, layer4=v.layer4, source=source)

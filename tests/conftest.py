@@ -66,3 +66,13 @@ def images_for(model_or_size, batch=2, dtype=torch.float64, seed=0):
     size = size[0] if isinstance(size, (tuple, list)) else size
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=g).to(dtype)
+
+
+@pytest.fixture(scope="session")
+def timm_rn50(rn50_64):
+    """timm's resnet50_clip holding the same weights as ``rn50_64`` (converted by timm's own filter)."""
+    timm = pytest.importorskip("timm")
+    from timm.models.byobnet import checkpoint_filter_fn
+    model = timm.create_model("resnet50_clip", pretrained=False, num_classes=1024)
+    model.load_state_dict(checkpoint_filter_fn(rn50_64.state_dict(), model))
+    return model.eval().double()

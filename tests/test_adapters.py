@@ -11,19 +11,15 @@ from conftest import images_for
 
 
 @pytest.fixture(scope="module")
-def three_rn50s(rn50_64):
+def three_rn50s(rn50_64, timm_rn50):
     """The same RN50 weights in open_clip, OpenAI clip and timm."""
     clip = pytest.importorskip("clip")
-    timm = pytest.importorskip("timm")
-    from timm.models.byobnet import checkpoint_filter_fn
     sd = rn50_64.state_dict()
     # clip.model.build_model would round the weights to fp16; build the same architecture without that
     openai_model = clip.model.CLIP(1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12)
     openai_model.load_state_dict(sd)
     openai_model = openai_model.double().eval()
-    timm_model = timm.create_model("resnet50_clip", pretrained=False, num_classes=1024)
-    timm_model.load_state_dict(checkpoint_filter_fn(sd, timm_model))
-    return {"open_clip": rn50_64, "openai_clip": openai_model, "timm": timm_model.double().eval()}
+    return {"open_clip": rn50_64, "openai_clip": openai_model, "timm": timm_rn50}
 
 
 def test_detection(three_rn50s):

@@ -185,13 +185,9 @@ def test_bias_split_is_the_paper_convention(tiny64):
     assert torch.allclose(split.scores(e, "pair").sum((1, 2)), own.total_score(e), atol=1e-10)
 
 
-def test_other_resolution_interpolates_and_matches_timm(rn50_64):
+def test_other_resolution_interpolates_and_matches_timm(rn50_64, timm_rn50):
     """At 288 px the grid is 9x9; our interpolated decomposition equals timm's own resizing attention pool."""
-    timm = pytest.importorskip("timm")
-    from timm.models.byobnet import checkpoint_filter_fn
-    tm = timm.create_model("resnet50_clip", pretrained=False, num_classes=1024)
-    tm.load_state_dict(checkpoint_filter_fn(rn50_64.state_dict(), tm))
-    tm = tm.eval().double()
+    tm = timm_rn50
     x = images_for(288, batch=2)
     with pytest.warns(UserWarning, match="interpolated"):
         ours = nha.decompose(rn50_64, x)

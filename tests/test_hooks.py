@@ -57,12 +57,8 @@ def test_ablating_pair_coefficients_removes_exactly_those_pairs(tiny64):
     assert torch.allclose(y_ablated @ e, expected, atol=1e-10)
 
 
-def test_hook_positions_in_timm_model(rn50_64):
-    timm = pytest.importorskip("timm")
-    from timm.models.byobnet import checkpoint_filter_fn
-    tm = timm.create_model("resnet50_clip", pretrained=False, num_classes=1024)
-    tm.load_state_dict(checkpoint_filter_fn(rn50_64.state_dict(), tm))
-    tm = tm.eval().double()
+def test_hook_positions_in_timm_model(timm_rn50):
+    tm = timm_rn50
     x = images_for(224, batch=1)
     with torch.no_grad():
         y = tm(x)
