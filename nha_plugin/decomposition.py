@@ -186,10 +186,7 @@ class Contributions:
     def embedding(self) -> Tensor:
         """y = beta + sum_h W_o^h W_v^h s_h, (B, D)."""
         if self._embedding is None:
-            H, d = self.spec.num_heads, self.spec.head_dim
-            wv = rearrange(self.spec.v_weight, "(h j) n -> h j n", h=H, j=d)
-            vs = torch.einsum("hjn,bhn->bhj", wv, self.pair_coefficients)
-            self._embedding = rearrange(vs, "b h j -> b (h j)") @ self.spec.c_weight.T + self.constant
+            self._embedding = self.head_contributions().sum(dim=1) + self.constant
         return self._embedding
 
     @property
@@ -220,7 +217,6 @@ class Contributions:
 
     def head_contributions(self) -> Tensor:
         """Per-head output W_o^h W_v^h s_h, (B, H, D), without bias."""
-        H, d = self.spec.num_heads, self.spec.head_dim
         wo, wv = _head_split(self.spec)
         vs = torch.einsum("hjn,bhn->bhj", wv, self.pair_coefficients)
         return torch.einsum("Dhj,bhj->bhD", wo, vs)

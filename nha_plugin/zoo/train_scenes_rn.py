@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import os
 import sys
 import time
@@ -34,7 +35,6 @@ from nha_plugin.zoo._scenes_rn import (
     build_scenes_rn,
     images_to_tensor,
     load_scenes_rn,
-    load_state_dict_file,
     scenes_rn_config,
 )
 
@@ -43,17 +43,20 @@ EVAL_SEED = 1000  # held-out: evaluation uses EVAL_SEED, EVAL_SEED + 1, EVAL_SEE
 
 PROMPTS = {
     "colour": "a photo of a {} object",
-    "name": "a photo of {}",  # {} is "a star" / "an astronaut"
+    "name": "a photo of a {}",
     "background": "a photo of something on {}",
 }
 
 
 def prompt_sets() -> Dict[str, List[str]]:
-    """The zero-shot prompts of :func:`evaluate`, one per class."""
+    """The zero-shot prompts of :func:`evaluate`, one per class ("a" becomes "an" before a vowel)."""
+    def fill(template: str, word: str) -> str:
+        return re.sub(r"\ba ([aeiou])", r"an \1", template.format(word))
+
     return {
-        "colour": [PROMPTS["colour"].format(c) for c in S.COLOURS],
-        "name": [PROMPTS["name"].format(S._article(n)) for n in S.SHAPES + S.CATEGORIES],
-        "background": [PROMPTS["background"].format(b) for b in S.BACKGROUNDS],
+        "colour": [fill(PROMPTS["colour"], c) for c in S.COLOURS],
+        "name": [fill(PROMPTS["name"], n) for n in S.SHAPES + S.CATEGORIES],
+        "background": [fill(PROMPTS["background"], b) for b in S.BACKGROUNDS],
     }
 
 
@@ -111,11 +114,43 @@ def multi_positive_clip_loss(image_features: torch.Tensor, text_features: torch.
     return (loss_i + loss_t) / 2
 
 
-def make_batch(step: int, batch_size: int, seed: int, tokenizer):
-    """Images (B, 3, 224, 224), tokens (B, L) and the (B, B) positives matrix of training step ``step``."""
-    scenes = [S.generate_scene((seed, step * batch_size + b)) for b in range(batch_size)]
+def _object_spec(obj: S.SceneObject) -> Dict[str, str]:
+    keys = ("kind", "position", "size") + (("colour", "shape") if obj.kind == "shape" else ("category",))
+    return {k: getattr(obj, k) for k in keys}
+
+
+def _shape_caption(obj: S.SceneObject, rng: np.random.Generator):
+    phrase, constraint = S._object_phrase(obj, str(rng.choice(["name", "full"])))
+    return S._single_caption(phrase, str(rng.choice(S._SINGLE_TEMPLATES))), ((constraint,), None)
+
+
+def make_batch(step: int, batch_size: int, seed: int, tokenizer, twins: float = 0.5):
+    """Images (B, 3, 224, 224), tokens (B, L) and the (B, B) positives matrix of training step ``step``.
+
+    Colour, category and background separate most captions of a random batch, which starves the shape
+    signal; so a share ``twins`` of the batch comes in pairs that differ only in one shape (same layout,
+    colours and background, fresh jitter), captioned by that shape half of the time.
+    """
     rng = np.random.default_rng((seed, 1, step))
-    caps = [S.sample_caption(sc, rng) for sc in scenes]
+    scenes, caps = [], []
+    b = 0
+    while b < batch_size:
+        scene = S.generate_scene((seed, step * batch_size + b))
+        shapes = [i for i, o in enumerate(scene.objects) if o.kind == "shape"]
+        if b + 1 < batch_size and shapes and rng.random() < twins:
+            k = shapes[int(rng.integers(len(shapes)))]
+            specs = [_object_spec(o) for o in scene.objects]
+            specs[k]["shape"] = str(rng.choice([s for s in S.SHAPES if s != specs[k]["shape"]]))
+            twin = S.generate_scene((seed, step * batch_size + b + 1), n_objects=len(specs), objects=specs,
+                                    background=scene.background)
+            for sc in (scene, twin):
+                scenes.append(sc)
+                caps.append(_shape_caption(sc.objects[k], rng) if rng.random() < 0.5 else S.sample_caption(sc, rng))
+            b += 2
+        else:
+            scenes.append(scene)
+            caps.append(S.sample_caption(scene, rng))
+            b += 1
     positives = torch.tensor([[S.facts_hold(facts, sc) for _, facts in caps] for sc in scenes])
     x = images_to_tensor(np.stack([sc.image for sc in scenes]))
     return x, tokenizer([t for t, _ in caps]), positives
@@ -129,6 +164,7 @@ def export_weights(model, path: Path, metadata: Optional[Dict[str, str]] = None)
           for k, v in model.state_dict().items()}
     tmp = Path(str(path) + ".tmp")
     save_file(sd, str(tmp), metadata=metadata or {})
+    os.chmod(tmp, 0o644)  # package data must be readable by every user
     os.replace(tmp, path)
 
 
@@ -188,7 +224,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     cfg = scenes_rn_config(args.config)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
     torch.manual_seed(args.seed)
-    model = build_scenes_rn(cfg).to(device).train()
+    model = build_scenes_rn(cfg)
+    # open_clip zero-initialises the last BN of every residual branch, which suits deep nets; with one block
+    # per stage it left the 3x3 branches (the only spatial context beyond the stem) near zero for
+    # hundreds of steps and shapes were not learned, so the branches start switched on.
+    for name, module in model.visual.named_modules():
+        if name.endswith(".bn3"):
+            torch.nn.init.ones_(module.weight)
+    model = model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},

@@ -29,7 +29,7 @@ from PIL import Image
 
 IMAGE_SIZE = 224
 
-COLOURS: Dict[str, Tuple[int, int, int]] = {
+COLOUR_RGB: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "orange": (245, 140, 20),
     "yellow": (240, 220, 30),
@@ -37,6 +37,7 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
     "blue": (40, 80, 220),
     "purple": (140, 50, 180),
 }
+COLOURS: Tuple[str, ...] = tuple(COLOUR_RGB)
 SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 # category -> (scikit-image loader name, crop rows, crop cols) of the subject in the photo
 _PHOTO_CROPS: Dict[str, Tuple[str, Tuple[int, int], Tuple[int, int]]] = {
@@ -60,7 +61,7 @@ TEXTURE_BACKGROUNDS: Dict[str, Tuple[float, float, float]] = {
 }
 BACKGROUNDS: Tuple[str, ...] = tuple(PLAIN_BACKGROUNDS) + tuple(TEXTURE_BACKGROUNDS)
 # position -> nominal centre (row, col)
-POSITIONS: Dict[str, Tuple[int, int]] = {
+POSITION_CENTRES: Dict[str, Tuple[int, int]] = {
     "left": (112, 52),
     "right": (112, 172),
     "top": (52, 112),
@@ -68,7 +69,9 @@ POSITIONS: Dict[str, Tuple[int, int]] = {
     "centre": (112, 112),
 }
 # size -> half extent in pixels (shapes: radius of the bounding circle; tiles: half the long side)
-SIZES: Dict[str, int] = {"small": 22, "medium": 32, "large": 42}
+SIZE_HALF_EXTENT: Dict[str, int] = {"small": 22, "medium": 32, "large": 42}
+POSITIONS: Tuple[str, ...] = tuple(POSITION_CENTRES)
+SIZES: Tuple[str, ...] = tuple(SIZE_HALF_EXTENT)
 KINDS = ("shape", "photo")
 _JITTER = 8  # max displacement of an object from its nominal position, pixels
 _COLOUR_JITTER = 15  # max per-channel deviation of a shape's RGB from its nominal colour
@@ -298,7 +301,7 @@ def sample_caption(scene: Scene, rng: np.random.Generator) -> Tuple[str, Facts]:
     shape/category, background and full sentences are all frequent (used for training)."""
     objs = scene.objects
     form = rng.choice(["colour", "name", "full", "background", "pos", "sentence", "object+bg"],
-                      p=[0.18, 0.18, 0.14, 0.16, 0.08, 0.14, 0.12])
+                      p=[0.14, 0.26, 0.16, 0.12, 0.06, 0.14, 0.12])
     obj = objs[int(rng.integers(len(objs)))]
     if form in ("colour", "name", "full", "pos"):
         parts = {"colour": "colour", "name": "name", "full": str(rng.choice(["full", "size"])), "pos": "full+pos"}[form]
@@ -390,15 +393,15 @@ def generate_scene(
                                     "photo" if "category" in spec else _pick(rng, kinds, exclude.get("kind", ())))
         position = spec.get("position") or free_positions.pop()
         size = spec.get("size") or _pick(rng, SIZES, exclude.get("size", ()))
-        half = SIZES[size]
-        cy, cx = POSITIONS[position]
+        half = SIZE_HALF_EXTENT[size]
+        cy, cx = POSITION_CENTRES[position]
         cy += int(rng.integers(-_JITTER, _JITTER + 1))
         cx += int(rng.integers(-_JITTER, _JITTER + 1))
         obj = SceneObject(kind=kind, position=position, size=size, mask=None, box=(0, 0, 0, 0), centre=(cy, cx))
         if kind == "shape":
             obj.colour = spec.get("colour") or _pick(rng, COLOURS, exclude.get("colour", ()))
             obj.shape = spec.get("shape") or _pick(rng, SHAPES, exclude.get("shape", ()))
-            base = np.asarray(COLOURS[obj.colour])
+            base = np.asarray(COLOUR_RGB[obj.colour])
             obj.rgb = tuple(int(v) for v in np.clip(base + rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, 3), 0, 255))
             sprite_mask = _shape_mask(obj.shape, half)
             sprite = None
