@@ -6,7 +6,7 @@ open_clip users.
     contrib = nha.decompose(model, images)               # nha.Contributions
     nad = nha.NeuronHeadAttribution(nha.harness.ZeroShotClassifier(model, tokenizer, classes))
 """
-from . import adapters, harness
+from . import adapters, harness, text
 from .attribution import NeuronHeadAttribution, lift_to_input
 from .decomposition import Contributions, decompose_features, pair_directions
 from .models import PretrainedUnavailableError, decompose, load_clip
@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "load_clip", "decompose", "decompose_features", "Contributions", "NeuronHeadAttribution", "lift_to_input",
     "AttentionPoolSpec", "UnsupportedModelError", "PretrainedUnavailableError", "pair_directions",
-    "adapters", "harness",
+    "adapters", "harness", "text",
 ]

@@ -2,6 +2,9 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "NHA_CACHE_DIR" not in os.environ:  # keep the tests' text-embedding cache out of the user's home
+    import tempfile
+    os.environ["NHA_CACHE_DIR"] = tempfile.mkdtemp(prefix="nha-test-cache-")
 
 import open_clip
 import pytest
