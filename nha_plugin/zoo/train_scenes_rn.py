@@ -124,12 +124,12 @@ def _shape_caption(obj: S.SceneObject, rng: np.random.Generator):
     return S._single_caption(phrase, str(rng.choice(S._SINGLE_TEMPLATES))), ((constraint,), None)
 
 
-def make_batch(step: int, batch_size: int, seed: int, tokenizer, twins: float = 0.5):
+def make_batch(step: int, batch_size: int, seed: int, tokenizer, twins: float = 0.5, shape_captions: float = 0.5):
     """Images (B, 3, 224, 224), tokens (B, L) and the (B, B) positives matrix of training step ``step``.
 
     Colour, category and background separate most captions of a random batch, which starves the shape
     signal; so a share ``twins`` of the batch comes in pairs that differ only in one shape (same layout,
-    colours and background, fresh jitter), captioned by that shape half of the time.
+    colours and background, fresh jitter), captioned by that shape with probability ``shape_captions``.
     """
     rng = np.random.default_rng((seed, 1, step))
     scenes, caps = [], []
@@ -145,7 +145,8 @@ def make_batch(step: int, batch_size: int, seed: int, tokenizer, twins: float = 
                                     background=scene.background)
             for sc in (scene, twin):
                 scenes.append(sc)
-                caps.append(_shape_caption(sc.objects[k], rng) if rng.random() < 0.5 else S.sample_caption(sc, rng))
+                caps.append(_shape_caption(sc.objects[k], rng) if rng.random() < shape_captions
+                            else S.sample_caption(sc, rng))
             b += 2
         else:
             scenes.append(scene)
@@ -184,10 +185,14 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m nha_plugin.zoo.train_scenes_rn", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (cosine schedule length)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step (checkpoint written); resume later, possibly with other options")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--twins", type=float, default=0.5, help="share of scenes drawn as shape-twin pairs")
+    p.add_argument("--shape-captions", type=float, default=0.5, help="probability a twin is captioned by its shape")
     p.add_argument("--seed", type=int, default=TRAIN_SEED, help="training seed (data and init)")
     p.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="held-out seed; must differ from --seed")
     p.add_argument("--eval-every", type=int, default=250)
@@ -264,10 +269,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     t0, losses = time.time(), []
     bar = tqdm(total=args.steps, initial=step, disable=args.quiet, mininterval=5)
-    while step < args.steps:
+    last = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
+    while step < last:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, args.steps, args.lr, args.warmup)
-        x, tokens, positives = make_batch(step, args.batch_size, args.seed, tokenizer)
+        x, tokens, positives = make_batch(step, args.batch_size, args.seed, tokenizer, args.twins, args.shape_captions)
         img, txt, scale = model(x.to(device), tokens.to(device))
         loss = multi_positive_clip_loss(img, txt, scale, positives.to(device))
         opt.zero_grad(set_to_none=True)
@@ -283,7 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                   f"scale {model.logit_scale.exp().item():.1f} {(time.time() - t0):.0f}s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             eval_and_keep_best(step)
-        if step % args.checkpoint_every == 0 or step == args.steps:
+        if step % args.checkpoint_every == 0 or step == last:
             save(step)
     bar.close()
     print(json.dumps({"best": best, "steps": step, "seconds": round(time.time() - t0, 1)}), flush=True)
