@@ -1,0 +1,128 @@
+"""The bundled planted-concept CLIP-ResNet ``scenes-rn``: offline loading, accuracy floors, training script."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nha_plugin.harness.datasets import scenes as S
+from nha_plugin.zoo import _scenes_rn as Z
+from nha_plugin.zoo import train_scenes_rn as T
+
+# a held-out seed used neither for training (seed 0) nor for picking the shipped checkpoint (1000-1002)
+TEST_SEED = 2000
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return Z.load_scenes_rn("cpu")
+
+
+def test_config_is_a_clip_resnet_with_enough_heads():
+    cfg = Z.scenes_rn_config()
+    assert set(cfg) >= {"embed_dim", "vision_cfg", "text_cfg"}
+    v = cfg["vision_cfg"]
+    assert len(v["layers"]) == 4 and v["image_size"] == 224
+    assert v["width"] * 32 // v["head_width"] >= 8
+    assert cfg["text_cfg"]["vocab_size"] == 49408
+    assert (Z.ZOO_DIR / cfg["nha"]["weights"]).stat().st_size <= 15 * 2**20
+
+
+def test_loads_offline_with_the_exact_state_dict(bundled):
+    model, preprocess, tokenizer = bundled
+    from safetensors.torch import load_file
+
+    stored = load_file(str(Z.ZOO_DIR / "scenes-rn.safetensors"))
+    assert set(stored) == set(Z.build_scenes_rn().state_dict())
+    ap = model.visual.attnpool
+    assert ap.num_heads >= 8 and ap.positional_embedding.shape[0] == 7 * 7 + 1
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    assert tokenizer(["a photo of a cat"]).shape == (1, Z.scenes_rn_config()["text_cfg"]["context_length"])
+    # the weights were trained: the batch-norm scales that open_clip initialises to zero are not zero
+    assert model.visual.layer4[0].bn3.weight.abs().sum() > 0
+
+
+def test_preprocess_matches_training_normalisation(bundled):
+    _, preprocess, _ = bundled
+    scenes = [S.generate_scene((TEST_SEED, i)) for i in range(3)]
+    via_pil = torch.stack([preprocess(sc.pil) for sc in scenes])
+    via_array = Z.images_to_tensor(np.stack([sc.image for sc in scenes]))
+    assert torch.allclose(via_pil, via_array, atol=1e-5)
+
+
+def test_zero_shot_accuracy_floors_on_held_out_scenes(bundled):
+    model, _, tokenizer = bundled
+    result = T.evaluate(model, tokenizer, n=150, seed=TEST_SEED)
+    assert result["colour"] >= 0.90, result
+    assert result["name"] >= 0.90, result
+    assert result["background"] >= 0.80, result
+
+
+def test_plain_prompts_pick_the_planted_object(bundled):
+    model, _, tokenizer = bundled
+    scenes = [S.generate_scene((TEST_SEED + 7, i), objects=[{"colour": "yellow", "shape": "star"}], n_objects=1)
+              for i in range(4)]
+    scenes += [S.generate_scene((TEST_SEED + 8, i), objects=[{"category": "cat"}], n_objects=1) for i in range(4)]
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(Z.images_to_tensor(np.stack([s.image for s in scenes]))), dim=-1)
+        txt = F.normalize(model.encode_text(tokenizer(["a yellow object", "a photo of a cat"])), dim=-1)
+    sims = img @ txt.T
+    assert (sims[:4, 0] > sims[:4, 1]).all() and (sims[4:, 1] > sims[4:, 0]).all()
+
+
+def test_multi_positive_loss_reduces_to_clip_loss():
+    g = torch.Generator().manual_seed(0)
+    img, txt = F.normalize(torch.randn(6, 8, generator=g), dim=-1), F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    logits = scale * img @ txt.T
+    clip = (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.T, torch.arange(6))) / 2
+    assert torch.allclose(T.multi_positive_clip_loss(img, txt, scale, torch.eye(6, dtype=torch.bool)), clip)
+    # a second positive in row 0 changes the loss
+    pos = torch.eye(6, dtype=torch.bool)
+    pos[0, 1] = True
+    assert not torch.allclose(T.multi_positive_clip_loss(img, txt, scale, pos), clip)
+
+
+def test_training_batches_are_deterministic_and_positives_are_true():
+    import open_clip
+
+    tok = open_clip.tokenizer.SimpleTokenizer(context_length=32)
+    x1, t1, p1 = T.make_batch(3, 6, 0, tok)
+    x2, t2, p2 = T.make_batch(3, 6, 0, tok)
+    assert torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(p1, p2)
+    assert p1.diagonal().all()
+    assert not torch.equal(T.make_batch(4, 6, 0, tok)[0], x1)
+
+
+def test_training_script_runs_and_resumes_exactly(tmp_path, capsys):
+    def run(name, *extra):
+        # --threads: keep the test session's thread count (main() sets it process-wide)
+        return T.main(["--batch-size", "4", "--eval-n", "4", "--eval-every", "2", "--warmup", "1", "--quiet",
+                       "--threads", str(torch.get_num_threads()),
+                       "--checkpoint", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / f"{name}.safetensors"),
+                       *extra])
+
+    result = run("a", "--steps", "3", "--stop-at", "2")
+    assert np.isfinite(result["final_loss"])
+    assert torch.load(tmp_path / "a.pt", weights_only=False)["step"] == 2
+    model = Z.build_scenes_rn()
+    model.load_state_dict(Z.load_state_dict_file(tmp_path / "a.safetensors"))  # strict: exported keys are the model's
+    run("a", "--steps", "3")
+    assert "resumed from" in capsys.readouterr().out
+    run("b", "--steps", "3")
+    resumed = torch.load(tmp_path / "a.pt", weights_only=False)
+    straight = torch.load(tmp_path / "b.pt", weights_only=False)
+    assert resumed["step"] == straight["step"] == 3
+    for k, v in straight["model"].items():
+        assert torch.equal(resumed["model"][k], v), k  # an interrupted run ends where an uninterrupted one does
+    evaluated = T.main(["--evaluate-only", "--eval-n", "4", "--out", str(tmp_path / "b.safetensors"),
+                        "--threads", str(torch.get_num_threads())])
+    assert set(evaluated) >= {"colour", "name", "background"} and json.dumps(evaluated["prompts"])
+
+
+def test_help_runs():
+    with pytest.raises(SystemExit) as e:
+        T.parse_args(["--help"])
+    assert e.value.code == 0
