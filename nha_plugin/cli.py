@@ -89,6 +89,30 @@ def _plot(images, maps, masks, titles, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _explain(nad, head, x, i, ti, names, truths, masks, classes, probs, maps) -> dict:
+    """One image's summary row: logit, exact completeness, top heads and pairs, map mass inside the object."""
+    xi = x[i:i + 1]
+    spatial, delta = nad.attribute(xi, target=ti, granularity="spatial", return_convergence_delta=True)
+    heads = nad.attribute(xi, target=ti, granularity="head")[0]
+    pairs = nad.attribute(xi, target=ti, granularity="pair")[0]
+    top_pairs = torch.topk(pairs.flatten(), 5).indices
+    C = pairs.shape[1]
+    row = {
+        "image": i, "truth": truths[i], "explained_class": names[i],
+        "predicted": classes[int(probs[i].argmax())], "p_explained": float(probs[i, ti]),
+        "logit": float(head(xi)[0, ti]), "completeness_abs_error": float(delta.abs().max()),
+        "top_heads": [(f"H{int(h)}", float(heads[h])) for h in torch.topk(heads, 3).indices],
+        "top_pairs": [(f"H{int(p) // C}N{int(p) % C}", float(pairs.flatten()[p])) for p in top_pairs],
+    }
+    if masks[i] is not None:
+        up = torch.nn.functional.interpolate(spatial.float(), size=masks[i].shape, mode="bilinear",
+                                             align_corners=False)[0, 0].clamp(min=0).numpy()
+        row["positive_mass_in_mask"] = float(up[masks[i]].sum() / max(up.sum(), 1e-12))
+        row["mask_area_fraction"] = float(masks[i].mean())
+    maps.append(spatial[0, 0])
+    return row
+
+
 def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed: int = 12345,
          quiet: bool = False) -> dict:
     """Decompose ``n`` images with the exact neuron x head decomposition; print a summary, save a PNG + JSON."""
@@ -114,28 +138,9 @@ def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed:
     print(f"nha demo: {model_name} ({spec.source}; H={spec.num_heads} heads x C={spec.num_neurons} neurons, "
           f"D={spec.output_dim}) on {len(x)} {note}")
     rows, maps = [], []
-    torch.set_grad_enabled(False)
-    for i in tqdm(range(len(x)), desc="decomposing", disable=quiet):
-        xi, ti = x[i:i + 1], int(target[i])
-        spatial, delta = nad.attribute(xi, target=ti, granularity="spatial", return_convergence_delta=True)
-        heads = nad.attribute(xi, target=ti, granularity="head")[0]
-        pairs = nad.attribute(xi, target=ti, granularity="pair")[0]
-        top_pairs = torch.topk(pairs.flatten(), 5).indices
-        C = pairs.shape[1]
-        row = {
-            "image": i, "truth": truths[i], "explained_class": names[i],
-            "predicted": classes[int(probs[i].argmax())], "p_explained": float(probs[i, ti]),
-            "logit": float(head(xi)[0, ti]), "completeness_abs_error": float(delta.abs().max()),
-            "top_heads": [(f"H{int(h)}", float(heads[h])) for h in torch.topk(heads, 3).indices],
-            "top_pairs": [(f"H{int(p) // C}N{int(p) % C}", float(pairs.flatten()[p])) for p in top_pairs],
-        }
-        if masks[i] is not None:
-            up = torch.nn.functional.interpolate(spatial.float(), size=masks[i].shape, mode="bilinear",
-                                                 align_corners=False)[0, 0].clamp(min=0).numpy()
-            row["positive_mass_in_mask"] = float(up[masks[i]].sum() / max(up.sum(), 1e-12))
-            row["mask_area_fraction"] = float(masks[i].mean())
-        rows.append(row)
-        maps.append(spatial[0, 0])
+    with torch.no_grad():
+        for i in tqdm(range(len(x)), desc="decomposing", disable=quiet):
+            rows.append(_explain(nad, head, x, i, int(target[i]), names, truths, masks, classes, probs, maps))
     for r in rows:
         mass = (f" | positive map mass inside the object: {r['positive_mass_in_mask']:.0%} "
                 f"(object covers {r['mask_area_fraction']:.0%})") if "positive_mass_in_mask" in r else ""

@@ -5,7 +5,9 @@ from nha_plugin import cli
 
 
 def test_demo_on_scenes_rn(tmp_path, capsys):
+    import torch
     summary = cli.demo("scenes-rn", n=3, out=str(tmp_path), quiet=True)
+    assert torch.is_grad_enabled(), "the demo must not switch autograd off for the rest of the process"
     out = capsys.readouterr().out
     assert "top pairs" in out and "completeness error" in out
     assert (tmp_path / "nad_heatmaps.png").stat().st_size > 10_000
