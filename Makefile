@@ -17,12 +17,15 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/nha demo --out demo_out
+	HF_HUB_OFFLINE=1 $(VENV)/bin/nha benchmark --out demo_out/benchmark
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/decomposition_speed.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/omp_speed.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/harness_benchmark.py
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -2,6 +2,7 @@
 
     nha demo [--model scenes-rn] [--n 6] [--out demo_out]     decompose a few images, print and plot them
     nha describe --model scenes-rn --unit pair:H3N17 | head:3 | neuron:17 [--k 10] [--all --out FILE]
+    nha benchmark [--model scenes-rn] [--dataset scenes] [--methods ...] [--metrics ...] [--quick] [--out DIR]
 """
 from __future__ import annotations
 
@@ -169,11 +170,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=12345, help="scene seed (held out from training)")
     p.add_argument("--out", default="demo_out", help="output folder for the PNG and JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .harness import cli as harness_cli
     from .text import cli as text_cli
     text_cli.add_parser(sub)
+    harness_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "describe":
         return text_cli.run(args)
+    if args.command == "benchmark":
+        return harness_cli.run(args)
     if args.command == "demo":
         if args.n < 1:
             parser.error("--n must be at least 1")

@@ -31,7 +31,7 @@ from .spec import AttentionPoolSpec
 
 __all__ = [
     "Contributions", "decompose_features", "pair_directions", "constant_term", "target_weights",
-    "neuron_contributions",
+    "neuron_contributions", "tokens", "class_attention",
     "interpolate_positional_embedding", "LEVELS", "SINK_MODES", "BIAS_MODES",
 ]
 
@@ -104,7 +104,7 @@ def interpolate_positional_embedding(pos: Tensor, grid: tuple[int, int]) -> Tens
     return torch.cat([pos[:1], rearrange(spatial, "1 c a b -> (a b) c")], dim=0)
 
 
-def _tokens(features: Tensor, pos: Tensor) -> Tensor:
+def tokens(features: Tensor, pos: Tensor) -> Tensor:
     """z (B, T, C): mean token then the h*w spatial tokens, plus the positional embedding."""
     flat = rearrange(features, "b c h w -> b (h w) c")
     return torch.cat([flat.mean(dim=1, keepdim=True), flat], dim=1) + pos.to(features.dtype)
@@ -134,7 +134,7 @@ def decompose_features(spec: AttentionPoolSpec, features: Tensor, *, sink: str =
             "the attention pool's positional embedding is interpolated (bicubic, class row kept)",
             stacklevel=3)
         pos = interpolate_positional_embedding(pos, (h, w))
-    z = _tokens(features, pos)
+    z = tokens(features, pos)
     attn = class_attention(spec, z)
     coeffs = torch.einsum("bht,btn->bhn", attn, z)
     return Contributions(spec=spec, features=features, positional_embedding=pos, attention=attn,
@@ -329,7 +329,7 @@ class Contributions:
 
     def _token_scores(self, g: Tensor) -> Tensor:
         """(B, K, T): sum_h a[h,t] z_t . g_h, with the mean token's spatial part left at token 0."""
-        z = _tokens(self.features, self.positional_embedding)
+        z = tokens(self.features, self.positional_embedding)
         zg = torch.einsum("btn,bhnk->bkth", z, g)
         return torch.einsum("bkth,bht->bkt", zg, self.attention)
 

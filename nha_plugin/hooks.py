@@ -76,14 +76,12 @@ class HookedAttentionPool(nn.Module):
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if pre_logits:
             raise ValueError("pre_logits=True is not supported by the hooked attention pool")
-        from .decomposition import interpolate_positional_embedding
+        from .decomposition import interpolate_positional_embedding, tokens
         w = pool_weights_from_module(self.pool)
         H = w["num_heads"]
         B, C, h, wd = x.shape
         d = C // H
-        pos = interpolate_positional_embedding(w["positional_embedding"], (h, wd)).to(x.dtype)
-        flat = rearrange(x, "b c h w -> b (h w) c")
-        z = self.hook_tokens(torch.cat([flat.mean(dim=1, keepdim=True), flat], dim=1) + pos)
+        z = self.hook_tokens(tokens(x, interpolate_positional_embedding(w["positional_embedding"], (h, wd))))
         T = z.shape[1]
         q = self.hook_q((z @ w["q_weight"].T + w["q_bias"]).view(B, T, H, d))
         k = self.hook_k((z @ w["k_weight"].T + w["k_bias"]).view(B, T, H, d))

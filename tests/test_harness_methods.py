@@ -1,0 +1,195 @@
+"""Method registry: every method through one interface, checked against independent computations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nha_plugin as nha
+from nha_plugin.harness import methods as HM
+from nha_plugin.readout import LinearReadout
+
+from conftest import images_for
+
+
+@pytest.fixture(scope="module")
+def head32(tiny32):
+    g = torch.Generator().manual_seed(3)
+    return LinearReadout(tiny32, F.normalize(torch.randn(64, 5, generator=g), dim=0), logit_scale=100.0)
+
+
+@pytest.fixture(scope="module")
+def head64(tiny64):
+    g = torch.Generator().manual_seed(3)
+    return LinearReadout(tiny64, F.normalize(torch.randn(64, 5, generator=g, dtype=torch.float64), dim=0),
+                         logit_scale=100.0)
+
+
+@pytest.fixture
+def cheap_captum(monkeypatch):
+    monkeypatch.setitem(HM.CAPTUM_SETTINGS, "ig_steps", 4)
+    monkeypatch.setitem(HM.CAPTUM_SETTINGS, "gradshap_samples", 2)
+    monkeypatch.setitem(HM.CAPTUM_SETTINGS, "occlusion_window", 64)
+
+
+def test_every_method_same_contract(head32, cheap_captum):
+    x = images_for(128, batch=1, dtype=torch.float32)
+    target = torch.tensor([1])
+    names = HM.available_methods()
+    assert set(HM.DEFAULT_METHODS) <= set(names)
+    expensive = {"integrated_gradients", "layer_integrated_gradients", "occlusion", "gradient_shap", "lrp_zennit"}
+    for name in names:
+        ex = HM.explain(name, head32, x, target)
+        assert ex.maps.shape == (1, 128, 128) and ex.maps.dtype == torch.float32, name
+        assert torch.isfinite(ex.maps).all(), name
+        assert ex.seconds > 0
+        assert (ex.completeness_error is not None) == HM.get_method(name).claims_completeness, name
+        if HM.get_method(name).target_dependent and name not in expensive and ex.maps.abs().sum() > 0:
+            other = HM.explain(name, head32, x, torch.tensor([0])).maps
+            assert not torch.allclose(other, ex.maps), f"{name} ignores the target"
+
+
+def test_batched_targets_equal_one_by_one(head32, cheap_captum):
+    x = images_for(128, batch=2, dtype=torch.float32, seed=5)
+    for name in ("nad_spatial", "maskclip", "gradcam"):
+        both = HM.explain(name, head32, x, torch.tensor([1, 3])).maps
+        one = torch.cat([HM.explain(name, head32, x[i:i + 1], t).maps for i, t in ((0, 1), (1, 3))])
+        torch.testing.assert_close(both, one, rtol=1e-4, atol=1e-5)
+
+
+def test_nad_completeness_and_sink(head32):
+    x = images_for(128, batch=2, dtype=torch.float32)
+    for name in ("nad_spatial", "nad_spatial_interp"):
+        ex = HM.explain(name, head32, x, torch.tensor([2, 4]))
+        assert ex.completeness_error.max() < 1e-4
+    keep = HM.explain("nad_spatial", head32, x, 2).raw
+    interp = HM.explain("nad_spatial_interp", head32, x, 2).raw
+    assert torch.allclose(keep[..., :-1], interp[..., :-1])
+    assert torch.allclose(interp[..., -1, -1], (keep[..., -1, -2] + keep[..., -2, -1] + keep[..., -2, -2]) / 3)
+
+
+def test_nad_heads_matches_token_scores(head64, tiny64):
+    x = images_for(tiny64, batch=2)
+    t = torch.tensor([0, 3])
+    raw = HM.explain("nad_heads", head64, x, t).raw                      # (B, h, w), sink interpolated
+    contrib = nha.decompose(tiny64, x)
+    e = head64.readout[:, t].T
+    tok = contrib.scores(e, level="token", per_image=True)[:, 1:]         # sum_h a[h,t] z_t . g_h
+    spec = contrib.spec
+    H, d = spec.num_heads, spec.head_dim
+    head_bias = torch.stack([spec.c_weight[:, h * d:(h + 1) * d] @ spec.v_bias[h * d:(h + 1) * d] for h in range(H)])
+    bias_share = torch.einsum("bht,hD,bD->bt", contrib.attention[:, :, 1:], head_bias, e)
+    expected = (tok + bias_share) * 100.0 / contrib.embedding.norm(dim=-1, keepdim=True)
+    got = raw.flatten(1)
+    assert torch.allclose(got[:, :-1], expected[:, :-1], atol=1e-10)
+    # with the class token's share, the bias and the positional-free terms it is the logit: sum over all tokens
+    full = contrib.scores(e, level="token", per_image=True).sum(1) + torch.einsum(
+        "bht,hD,bD->b", contrib.attention, head_bias, e) + e @ spec.c_bias
+    assert torch.allclose(full * 100.0 / contrib.embedding.norm(dim=-1), head64(x).gather(1, t[:, None])[:, 0])
+
+
+def test_nad_neurons_definition(head64, tiny64):
+    x = images_for(tiny64, batch=1)
+    raw = HM.explain("nad_neurons", head64, x, 1).raw[0]
+    spec = nha.adapters.get_spec(tiny64)
+    with torch.no_grad():
+        feats = spec.trunk(x)[0]
+        contrib = nha.decompose(tiny64, x)
+    e = head64.readout[:, 1]
+    g = torch.stack([(spec.c_weight[:, h * 64:(h + 1) * 64].T @ e) @ spec.v_weight[h * 64:(h + 1) * 64]
+                     for h in range(spec.num_heads)])                      # (H, C)
+    w = (g * contrib.attention[0, :, 1:].mean(-1)[:, None]).sum(0)
+    expected = torch.einsum("nij,n->ij", feats, w) * 100.0 / contrib.embedding[0].norm()
+    assert torch.allclose(raw[:-1, :], expected[:-1, :], atol=1e-10)
+    assert torch.allclose(raw[-1, :-1], expected[-1, :-1], atol=1e-10)
+
+
+def test_maskclip_as_1x1_convolutions(head64, tiny64):
+    """MaskCLIP's own implementation: v_proj and c_proj as 1x1 convolutions on the layer4 map, cosine with text."""
+    x = images_for(tiny64, batch=2)
+    pool = tiny64.visual.attnpool
+    with torch.no_grad():
+        feats = nha.adapters.get_spec(tiny64).trunk(x)
+        v = F.conv2d(feats, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias)
+        o = F.conv2d(v, pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
+        e = head64.readout[:, [2, 2]].T
+        expected = (F.normalize(o, dim=1) * F.normalize(e, dim=1)[:, :, None, None]).sum(1)
+    assert torch.allclose(HM.explain("maskclip", head64, x, 2).raw, expected, atol=1e-12)
+
+
+def test_self_self_with_sdpa(head64, tiny64):
+    x = images_for(tiny64, batch=1)
+    spec = nha.adapters.get_spec(tiny64).detached()
+    with torch.no_grad():
+        feats = spec.trunk(x)
+        flat = feats.flatten(2).transpose(1, 2)
+        z = torch.cat([flat.mean(1, keepdim=True), flat], 1) + spec.positional_embedding
+        H = spec.num_heads
+
+        def split(w, b):
+            return (z @ w.T + b).view(1, -1, H, spec.head_dim).transpose(1, 2)
+
+        q, k, v = split(spec.q_weight, spec.q_bias), split(spec.k_weight, spec.k_bias), split(spec.v_weight, spec.v_bias)
+        out = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+        y = out.transpose(1, 2).reshape(1, -1, spec.num_neurons) @ spec.c_weight.T + spec.c_bias
+        expected = F.cosine_similarity(y[0, 1:], head64.readout[:, 4][None], dim=-1).view(feats.shape[-2:])
+    assert torch.allclose(HM.explain("self_self", head64, x, 4).raw[0], expected, atol=1e-10)
+
+
+def test_class_attention_matches_torch_mha(head64, tiny64):
+    x = images_for(tiny64, batch=2)
+    pool = tiny64.visual.attnpool
+    with torch.no_grad():
+        feats = nha.adapters.get_spec(tiny64).trunk(x)
+        t = feats.flatten(2).permute(2, 0, 1)
+        t = torch.cat([t.mean(0, keepdim=True), t]) + pool.positional_embedding[:, None]
+        _, w = F.multi_head_attention_forward(
+            t[:1], t, t, t.shape[-1], pool.num_heads, None,
+            torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
+            pool.c_proj.weight, pool.c_proj.bias, training=False, need_weights=True, use_separate_proj_weight=True,
+            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+            average_attn_weights=True)
+    expected = w[:, 0, 1:].view(2, *feats.shape[-2:])
+    assert torch.allclose(HM.explain("class_attention", head64, x, 0).raw, expected, atol=1e-12)
+
+
+def test_floors():
+    x = images_for(64, batch=2, dtype=torch.float32, seed=1)
+    c = HM.explain("centre", None, x, 0).maps
+    assert c.shape == (2, 64, 64) and torch.equal(c[0], c[1])
+    r, col = divmod(int(c[0].argmax()), 64)
+    assert {r, col} <= {31, 32}
+    a, b = HM.explain("random", None, x, 0).maps, HM.explain("random", None, x, 0).maps
+    assert torch.equal(a, b) and not torch.allclose(a[0], a[1])
+
+
+def test_register_a_method_in_a_few_lines(head32):
+    @HM.register_method("test_grad_norm", description="L2 norm of the input gradient")
+    def grad_norm(forward, images, target):
+        x = images.clone().requires_grad_(True)
+        forward(x).gather(1, target[:, None]).sum().backward()
+        return x.grad.norm(dim=1)
+
+    try:
+        x = images_for(128, batch=1, dtype=torch.float32)
+        ex = HM.explain("test_grad_norm", head32, x, 1)
+        sal = HM.explain("saliency", head32, x, 1)
+        assert ex.maps.shape == sal.maps.shape and (ex.maps <= sal.maps + 1e-6).all()   # ||g||_2 <= ||g||_1
+        with pytest.raises(ValueError, match="already registered"):
+            HM.register_method("test_grad_norm")(grad_norm)
+    finally:
+        HM.METHODS.pop("test_grad_norm", None)
+    with pytest.raises(KeyError, match="unknown method"):
+        HM.get_method("test_grad_norm")
+
+
+def test_randomised_copy_is_cascading(head32):
+    orig = head32.model.visual
+    one = HM.randomised_copy(head32, 1).model.visual
+    assert not torch.equal(one.attnpool.q_proj.weight, orig.attnpool.q_proj.weight)
+    assert torch.equal(one.layer4[0].conv1.weight, orig.layer4[0].conv1.weight)
+    allr = HM.randomised_copy(head32, len(HM.STAGES)).model.visual
+    assert not torch.equal(allr.conv1.weight, orig.conv1.weight)
+    assert not torch.equal(allr.layer1[0].conv1.weight, orig.layer1[0].conv1.weight)
+    w = allr.layer3[0].conv2.weight
+    assert math.isclose(float(w.std()), float(orig.layer3[0].conv2.weight.std()), rel_tol=0.2)
