@@ -193,3 +193,15 @@ def test_randomised_copy_is_cascading(head32):
     assert not torch.equal(allr.layer1[0].conv1.weight, orig.layer1[0].conv1.weight)
     w = allr.layer3[0].conv2.weight
     assert math.isclose(float(w.std()), float(orig.layer3[0].conv2.weight.std()), rel_tol=0.2)
+
+
+def test_gradient_shap_is_seeded_whatever_the_global_numpy_state(head32, cheap_captum):
+    """Captum's GradientShap samples with numpy's global generator; the harness seeds it per call."""
+    import numpy as np
+    x = images_for(128, batch=2, dtype=torch.float32)
+    before = np.random.get_state()[1].copy()
+    a = HM.gradient_shap(head32, x, torch.tensor([0, 1]))
+    assert np.array_equal(np.random.get_state()[1], before), "the caller's numpy state must be restored"
+    np.random.rand(123)
+    b = HM.gradient_shap(head32, x, torch.tensor([0, 1]))
+    assert torch.equal(a, b)

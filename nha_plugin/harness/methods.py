@@ -349,9 +349,17 @@ def gradient_shap(forward, images, target):
     g = torch.Generator().manual_seed(0)
     noise = (torch.rand(1, *images.shape[1:], generator=g) * 2 - 1).to(images)
     baselines = torch.cat([torch.zeros_like(noise), noise])
+    # Captum draws the baseline choice and interpolation points from numpy's global generator: seed it for
+    # the call and put the caller's state back
+    import numpy as np
+    state = np.random.get_state()
+    np.random.seed(0)
     torch.manual_seed(0)
-    return GradientShap(forward).attribute(images, baselines=baselines, target=target,
-                                           n_samples=CAPTUM_SETTINGS["gradshap_samples"], stdevs=0.1)
+    try:
+        return GradientShap(forward).attribute(images, baselines=baselines, target=target,
+                                               n_samples=CAPTUM_SETTINGS["gradshap_samples"], stdevs=0.1)
+    finally:
+        np.random.set_state(state)
 
 
 @register_method("occlusion", family="captum", needs_grad=False,
