@@ -9,7 +9,7 @@ Hook names: ``hook_layer4`` [B, C, h, w] and ``attnpool.hook_*`` (see :mod:`nha_
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -25,7 +25,6 @@ from pathlib import Path
 import open_clip
 import torch
 
-import nha_plugin as nha
 from nha_plugin.adapters import get_spec
 from nha_plugin.decomposition import LEVELS, decompose_features
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from .spec import AttentionPoolSpec
 
 __all__ = [
     "Contributions", "decompose_features", "pair_directions", "constant_term", "target_weights",
-    "neuron_contributions", "tokens", "class_attention",
+    "neuron_contributions", "tokens", "class_attention", "head_bias",
     "interpolate_positional_embedding", "LEVELS", "SINK_MODES", "BIAS_MODES",
 ]
 
@@ -76,7 +76,7 @@ def constant_term(spec: AttentionPoolSpec) -> Tensor:
     return spec.c_bias + spec.c_weight @ spec.v_bias
 
 
-def _head_bias(spec: AttentionPoolSpec) -> Tensor:
+def head_bias(spec: AttentionPoolSpec) -> Tensor:
     """W_o^h b_v^h per head, shape (H, D)."""
     wo, _ = _head_split(spec)
     bv = rearrange(spec.v_bias, "(h j) -> h j", h=spec.num_heads)
@@ -271,7 +271,7 @@ class Contributions:
 
     def _bias_parts(self, e: Tensor) -> tuple[Tensor, Tensor]:
         """(head bias W_o^h b_v^h . e  (Bg, H, K), output bias b_o . e  (Bg, K))."""
-        hb = torch.einsum("hD,bDk->bhk", _head_bias(self.spec), e)
+        hb = torch.einsum("hD,bDk->bhk", head_bias(self.spec), e)
         ob = torch.einsum("D,bDk->bk", self.spec.c_bias, e)
         return hb, ob
 

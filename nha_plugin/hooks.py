@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator, Optional, Type
+from typing import Iterator, Type
 
 import torch
 from einops import rearrange

@@ -1,6 +1,4 @@
 """The attention-pool mathematics: completeness, a dense independent reference, PC0, sink/bias, resolution."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

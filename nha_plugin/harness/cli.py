@@ -9,7 +9,6 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .metrics import METRICS
 from .methods import DEFAULT_METHODS
 from .runner import DEFAULT_METRICS, QUICK, BenchmarkConfig, run_benchmark
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..adapters import get_spec
 from ..attribution import NeuronHeadAttribution
-from ..decomposition import tokens, target_weights
+from ..decomposition import head_bias, target_weights, tokens
 from ..spec import AttentionPoolSpec
 
 __all__ = ["Method", "Explanation", "METHODS", "register_method", "get_method", "available_methods", "explain",
@@ -234,10 +234,7 @@ def nad_heads(forward, images, target):
     feats, z, a = _pool_parts(spec, images)
     e = _directions(forward, target).to(z.dtype)                                   # (B, D)
     g = target_weights(spec, e[..., None])[..., 0]                                 # (B, H, C)
-    H, d = spec.num_heads, spec.head_dim
-    head_bias = torch.einsum("Dhj,hj->hD", rearrange(spec.c_weight, "D (h j) -> D h j", h=H),
-                             spec.v_bias.view(H, d))                              # (H, D)
-    per_head = torch.einsum("btn,bhn->bht", z, g) + (head_bias @ e.T).T[:, :, None]   # (B, H, T)
+    per_head = torch.einsum("btn,bhn->bht", z, g) + (head_bias(spec) @ e.T).T[:, :, None]   # (B, H, T)
     tok = (a * per_head).sum(dim=1)[:, 1:]
     scale = _target_scale(forward, _embedding(spec, feats, z, a)).view(-1, 1, 1)
     return _interpolate_sink(tok.view(-1, *feats.shape[-2:])) * scale

@@ -17,8 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -145,7 +144,7 @@ def _append(path: Path, rows: List[dict]) -> None:
 
 def _build_forward(cfg: BenchmarkConfig, classes: List[str]):
     import nha_plugin as nha
-    from ..readout import LinearReadout, ZeroShotClassifier
+    from ..readout import ZeroShotClassifier
     model, _, tokenizer = nha.load_clip(cfg.model)
     model = model.to(cfg.device).eval()
     for p in model.parameters():
