@@ -226,14 +226,20 @@ def _target_scale(forward: nn.Module, y: Tensor) -> Tensor:
     return scale
 
 
+def _target_parts(forward, images, target):
+    """spec, layer4 features, tokens z (B, T, C), class attention a (B, H, T), target directions e (B, D) and
+    their pair weights g (B, H, C)."""
+    spec = _spec(forward)
+    feats, z, a = _pool_parts(spec, images)
+    e = _directions(forward, target).to(z.dtype)
+    return spec, feats, z, a, e, target_weights(spec, e[..., None])[..., 0]
+
+
 @register_method("nad_heads", family="nad", needs_grad=False,
                  description="NAD heads-only map: per spatial token t, sum_h a[h,t] (W_o^h (W_v^h z_t + b_v^h)) . e "
                              "(token scores incl. positional and head-bias shares), sink interpolated")
 def nad_heads(forward, images, target):
-    spec = _spec(forward)
-    feats, z, a = _pool_parts(spec, images)
-    e = _directions(forward, target).to(z.dtype)                                   # (B, D)
-    g = target_weights(spec, e[..., None])[..., 0]                                 # (B, H, C)
+    spec, feats, z, a, e, g = _target_parts(forward, images, target)
     per_head = torch.einsum("btn,bhn->bht", z, g) + (head_bias(spec) @ e.T).T[:, :, None]   # (B, H, T)
     tok = (a * per_head).sum(dim=1)[:, 1:]
     scale = _target_scale(forward, _embedding(spec, feats, z, a)).view(-1, 1, 1)
@@ -244,10 +250,7 @@ def nad_heads(forward, images, target):
                  description="NAD neurons-only map: sum_n F_t[n] w[n], w[n] = sum_h g[h,n] mean_t a[h,t] (raw layer4 "
                              "activations, no positional embedding, no per-token attention), sink interpolated")
 def nad_neurons(forward, images, target):
-    spec = _spec(forward)
-    feats, z, a = _pool_parts(spec, images)
-    e = _directions(forward, target).to(z.dtype)
-    g = target_weights(spec, e[..., None])[..., 0]                                 # (B, H, C)
+    spec, feats, z, a, e, g = _target_parts(forward, images, target)
     w = torch.einsum("bhn,bh->bn", g, a[:, :, 1:].mean(dim=-1))
     grid = torch.einsum("bnij,bn->bij", feats, w)
     scale = _target_scale(forward, _embedding(spec, feats, z, a)).view(-1, 1, 1)

@@ -168,6 +168,14 @@ def data_hit_rate(model: nn.Module, tokenizer: Callable, dictionary: TextDiction
             "per_concept": per}
 
 
+
+def _print_hits(per_concept: dict) -> None:
+    """One line per described pair: HIT mark, concept, pair label, its top words with coefficients."""
+    for concept, d in per_concept.items():
+        for pair, r in zip(d["pairs"], d["results"]):
+            mark = "HIT " if r["hit"] else "    "
+            print(f"{mark}{concept:>11} {pair:>9}: " + ", ".join(f"{w} ({c:+.2f})" for w, c in r["words"]))
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="scenes-rn")
@@ -188,10 +196,7 @@ def main(argv=None) -> int:
         model, _, tokenizer = nha.load_clip(args.model)
     res = planted_hit_rate(model, tokenizer, pool=args.pool, templates=args.templates,
                            pairs_per_concept=args.pairs_per_concept, k=args.k, top=args.top, progress=True)
-    for concept, d in res["per_concept"].items():
-        for pair, r in zip(d["pairs"], d["results"]):
-            mark = "HIT " if r["hit"] else "    "
-            print(f"{mark}{concept:>11} {pair:>9}: " + ", ".join(f"{w} ({c:+.2f})" for w, c in r["words"]))
+    _print_hits(res["per_concept"])
     print(f"hit rate (planted word in top {args.top} by |coef|): {res['hit_rate']:.1%} of "
           f"{res['num_pairs_described']} pairs; positive words only {res['hit_rate_positive']:.1%}; "
           f"random-direction control {res['control_hit_rate']:.1%} / {res['control_hit_rate_positive']:.1%}")
@@ -200,10 +205,7 @@ def main(argv=None) -> int:
         words = _build(model, tokenizer, args.pool, args.templates, progress=False)
         data = data_hit_rate(model, tokenizer, words, n_scenes=args.scenes, pairs_per_concept=args.pairs_per_concept,
                              k=args.k, top=args.top)
-        for concept, d in data["per_concept"].items():
-            for pair, r in zip(d["pairs"], d["results"]):
-                mark = "HIT " if r["hit"] else "    "
-                print(f"{mark}{concept:>11} {pair:>9}: " + ", ".join(f"{w} ({c:+.2f})" for w, c in r["words"]))
+        _print_hits(data["per_concept"])
         print(f"data-selected pairs ({data['num_scenes']} scenes): hit rate {data['hit_rate']:.1%} of "
               f"{data['num_pairs_described']} pairs; random-pair control {data['control_hit_rate']:.1%} of "
               f"{data['num_control_pairs']} pairs")
