@@ -79,3 +79,42 @@ def timm_rn50(rn50_64):
     model = timm.create_model("resnet50_clip", pretrained=False, num_classes=1024)
     model.load_state_dict(checkpoint_filter_fn(rn50_64.state_dict(), model))
     return model.eval().double()
+
+
+TINY_VIT_CFG = dict(
+    embed_dim=32,
+    vision_cfg=dict(layers=3, width=64, head_width=16, patch_size=16, image_size=64),   # 4 heads, 4x4 grid + cls
+    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+)
+
+
+def randomise_vit(model: nn.Module, seed: int = 1) -> nn.Module:
+    """open_clip initialises LayerNorm to (1, 0) and attention biases to zero; random values exercise every
+    term of a ViT decomposition (LN gains, shifts, q/k/v/out biases, MLP biases)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in getattr(model, "visual", model).named_parameters():
+            if p.ndim == 1 and ("ln" in name or "norm" in name) and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.8 + 0.6)
+            elif p.ndim == 1 and name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def make_tiny_vit(dtype=torch.float64, seed: int = 0, block_type: str = "default") -> nn.Module:
+    """A tiny random open_clip CLIP-ViT: width 64, 3 layers, 4 heads of 16, 64 px, patch 16 (17 tokens).
+    ``block_type="custom"`` builds open_clip's own ``Attention`` module instead of nn.MultiheadAttention."""
+    torch.manual_seed(seed)
+    cfg = dict(TINY_VIT_CFG, vision_cfg=dict(TINY_VIT_CFG["vision_cfg"], block_type=block_type))
+    model = open_clip.model.CLIP(**cfg)
+    return randomise_vit(model, seed + 1).eval().to(dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit64():
+    return make_tiny_vit(torch.float64)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit64_custom():
+    return make_tiny_vit(torch.float64, block_type="custom")

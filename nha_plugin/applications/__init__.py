@@ -1,0 +1,2 @@
+"""Applications of the decompositions: ablation & sparsity, training-free segmentation, distribution-shift
+monitoring and spurious-feature removal (shared/METHODS.md §A, §B)."""
