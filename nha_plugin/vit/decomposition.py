@@ -1,0 +1,384 @@
+"""The exact decomposition of a CLIP-ViT image embedding into layers, heads, tokens and MLPs.
+
+The class token's residual stream after the last block is a sum of 2L+1 components::
+
+    x_L[0] = e[0] + sum_l (attn_l[0] + mlp_l[0])
+    attn_l[0] = ls_1 * (b_o + sum_h W_o^h sum_i a^{l,h}[0,i] v^{l,h}_i),   v^{l,h}_i = W_v^h LN_1(x_i) + b_v^h
+
+and the output is ``M = LN_post(x_L[0]) @ P``. With LN_post's per-image mean mu and std sigma frozen, a
+component c that takes the share ``s`` of the mean and of LN_post's shift maps to
+``Map(c, s) = (gamma * (c - s mu) / sigma + s beta) @ P``; the shares add up to 1, so the mapped components
+add up to M exactly (METHODS.md section B). Shares: 1/K for the embedding and for each MLP, K = 2L+1; an
+attention layer's 1/K split evenly over its N*H (token, head) entries, and so is its ``b_o``:
+
+    entry(l, h, i) = Map(a^{l,h}[0,i] ls_1 * W_o^h v^{l,h}_i + ls_1 * b_o / (N H),  1 / (K N H))
+
+Scores against a target e never build the (B, L, H, N, D) table: with ``u = gamma * (P e)`` and
+``g_{l,h} = (W_o^h)^T (ls_1 * u)`` (d,), the entry's score is ``a^{l,h}[0,i] (v^{l,h}_i . g_{l,h}) / sigma`` plus
+its shares, O(L H N d) per image and target.
+
+This module imports only torch (and the spec/trace steps); it knows nothing of open_clip.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..decomposition import Contributions
+from .spec import ViTSpec, select_layers, vit_spec
+from .trace import embed, model_output, pool_and_project, run_block, validate_images
+
+__all__ = ["ViTContributions", "decompose", "LEVELS", "canonical_target"]
+
+LEVELS = ("component", "layer", "head", "token", "spatial")
+_finish = Contributions._finish
+
+
+def canonical_target(target: Tensor, D: int, B: int, dtype: torch.dtype, device: torch.device,
+                     per_image: Optional[bool] = None) -> tuple[Tensor, str]:
+    """Directions as (1 or B, D, K) and their kind ('single' (D,) | 'set' (D, K) | 'per_image' (B, D))."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor of shape (D,), (D, K) or (B, D); got {type(target).__name__}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the decomposition is on {device}; move it with "
+                         "target.to(...)")
+    target = target.to(dtype)
+    if target.dim() == 1:
+        if target.shape[0] != D:
+            raise ValueError(f"target direction has {target.shape[0]} entries; the embedding has D={D}")
+        return target.view(1, D, 1), "single"
+    if target.dim() != 2:
+        raise ValueError(f"target must be (D,), (D, K) or (B, D) with D={D}, B={B}; got {tuple(target.shape)}")
+    as_set, as_per_image = target.shape[0] == D, tuple(target.shape) == (B, D)
+    if per_image is None:
+        if as_set and as_per_image:
+            raise ValueError(f"target of shape {tuple(target.shape)} is ambiguous (B == D == {D}): pass "
+                             "per_image=True or per_image=False")
+        per_image = as_per_image
+    if per_image:
+        if not as_per_image:
+            raise ValueError(f"per-image targets must be (B, D) = ({B}, {D}); got {tuple(target.shape)}")
+        return target.unsqueeze(-1), "per_image"
+    if not as_set:
+        raise ValueError(f"target must be (D,), (D, K) or (B, D) with D={D}, B={B}; got {tuple(target.shape)}")
+    return target.unsqueeze(0), "set"
+
+
+def decompose(model, images: Tensor, *, token_layers: Union[str, Sequence[int], None] = "all",
+              grad: bool = False) -> "ViTContributions":
+    """Run the ViT from its weights and decompose its image embedding exactly.
+
+    Args:
+        model: an open_clip CLIP-ViT (whole model or ``model.visual``) or a :class:`ViTSpec`.
+        images: (B, 3, H, W) preprocessed, in the model's dtype and device.
+        token_layers: layers whose per-token values are kept for "token"/"spatial" scores and
+            :meth:`ViTContributions.token_contributions`: ``"all"`` (default), a list of layer indices, or None
+            (none: component/layer/head levels only). Memory: B*N*W values per kept layer, the size of the
+            residual stream; for ViT-H-14 keep e.g. the last 4 layers.
+        grad: keep the autograd graph (off by default).
+
+    Returns:
+        ViTContributions.
+    """
+    spec = vit_spec(model)
+    validate_images(images, spec)
+    kept = select_layers(spec, None if token_layers == "all" else (token_layers or ()))
+    with torch.set_grad_enabled(grad):
+        x = embed(spec, images)
+        # rows are cloned: a view would keep each layer's whole (B, H, N, N) attention / (B, N, W) stream alive
+        cls_embedding = x[:, spec.class_index].clone()
+        attention, head_out, mlp, values = [], [], [], {}
+        for l, layer in enumerate(spec.blocks):
+            out = run_block(layer, x)
+            a = out.attn[:, :, spec.class_index].clone()                            # (B, H, N)
+            attention.append(a)
+            head_out.append(torch.einsum("bhn,bhnd->bhd", a, out.values))
+            mlp.append(out.mlp_out[:, spec.class_index].clone())
+            if l in kept:
+                values[l] = out.values
+            x = out.x_out
+        mean, std, output = pool_and_project(spec, x)
+    return ViTContributions(spec, images=images, embedding_stream=cls_embedding, mlp_stream=torch.stack(mlp, 1),
+                            head_outputs=torch.stack(head_out, 1), attention=torch.stack(attention, 1),
+                            values=values, post_mean=mean, post_std=std, output=output)
+
+
+class ViTContributions:
+    """The decomposition of a batch of images through a CLIP-ViT (see the module doc for the conventions).
+
+    Attributes:
+        spec: the :class:`ViTSpec`.
+        embedding: (B, D) the output rebuilt from the weights; equals ``model.encode_image`` and the sum of all
+            components.
+        embedding_term: (B, D) the input embedding's component (patch + class + positional, ln_pre).
+        mlp: (B, L, D) each layer's MLP component.
+        attention: (B, L, H, N) class-token attention rows.
+        head_outputs: (B, L, H, d) ``sum_i a^{l,h}[0,i] v^{l,h}_i``, each head's output before W_o.
+        token_layers: the layers whose per-token values are kept (token/spatial levels).
+        post_mean, post_std: (B,) LN_post statistics at the class token (frozen).
+
+    Scores accept a ``target`` (D,) (one direction), (D, K) (K directions; K is inserted after B) or (B, D)
+    (one direction per image; ``per_image`` resolves B == D). ``normalize=True`` divides by ``||y|| ||e||``,
+    so scores add up to the cosine similarity.
+    """
+
+    def __init__(self, spec: ViTSpec, *, images: Optional[Tensor], embedding_stream: Tensor, mlp_stream: Tensor,
+                 head_outputs: Tensor, attention: Tensor, values: dict, post_mean: Tensor, post_std: Tensor,
+                 output: Tensor):
+        self.spec = spec
+        self.images = images
+        self.embedding_stream = embedding_stream          # (B, W) class token entering block 0
+        self.mlp_stream = mlp_stream                      # (B, L, W) after ls_2
+        self.head_outputs = head_outputs
+        self.attention = attention
+        self.values = values
+        self.token_layers = tuple(sorted(values))
+        self.post_mean = post_mean
+        self.post_std = post_std
+        self.embedding = output
+        self._model_embedding: Optional[Tensor] = None
+
+    # ---- shapes and constants -------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.embedding.shape[0]
+
+    @property
+    def num_components(self) -> int:
+        """K = 2L + 1: the embedding, then each layer's attention and MLP."""
+        return 2 * self.spec.layers + 1
+
+    def _bcast(self, x: Tensor, ndim: int) -> Tensor:
+        """A per-image (B,) tensor viewed to broadcast against a (B, ...) tensor of ``ndim`` dimensions."""
+        return x.view(-1, *([1] * (ndim - 1)))
+
+    def _map(self, t: Tensor, share: float) -> Tensor:
+        """Frozen-LN_post image of stream components t (B, ..., W) holding ``share`` of the mean/shift: (B, ..., D)."""
+        ln = self.spec.ln_post
+        mu = self._bcast(self.post_mean, t.dim())
+        sigma = self._bcast(self.post_std, t.dim())
+        z = ln.gamma * (t - share * mu) / sigma + share * ln.beta
+        return z @ self.spec.proj if self.spec.proj is not None else z
+
+    def _head_stream(self, l: int) -> Tensor:
+        """Each head's added stream at the class token, without b_o: ``ls_1 * W_o^h o_h``, (B, H, W)."""
+        layer = self.spec.blocks[l]
+        return torch.einsum("hwd,bhd->bhw", layer.W_o_heads, self.head_outputs[:, l]) * layer.ls_1
+
+    # ---- dense components -----------------------------------------------------------------------------
+    @property
+    def embedding_term(self) -> Tensor:
+        """(B, D) the input embedding's component."""
+        return self._map(self.embedding_stream, 1 / self.num_components)
+
+    @property
+    def mlp(self) -> Tensor:
+        """(B, L, D) each layer's MLP component."""
+        return self._map(self.mlp_stream, 1 / self.num_components)
+
+    def head_contributions(self) -> Tensor:
+        """(B, L, H, D) each head's component summed over source tokens (its b_o and LN shares included)."""
+        H, K = self.spec.heads, self.num_components
+        out = [self._map(self._head_stream(l) + self.spec.blocks[l].b_o * self.spec.blocks[l].ls_1 / H, 1 / (K * H))
+               for l in range(self.spec.layers)]
+        return torch.stack(out, dim=1)
+
+    def attention_layers(self) -> Tensor:
+        """(B, L, D) each attention layer's component (its heads summed)."""
+        return self.head_contributions().sum(dim=2)
+
+    def _check_token_layers(self, layers: Optional[Sequence[int]]) -> tuple[int, ...]:
+        chosen = self.token_layers if layers is None else select_layers(self.spec, layers)
+        missing = [l for l in chosen if l not in self.values]
+        if missing:
+            raise ValueError(f"per-token values of layers {missing} were not kept (kept: {list(self.token_layers)}); "
+                             "decompose again with token_layers=... including them")
+        return chosen
+
+    def token_contributions(self, layers: Optional[Sequence[int]] = None) -> Tensor:
+        """(B, L', H, N, D) per (layer, head, source token) entry, for ``layers`` (default: all kept layers).
+
+        Memory: B*L'*H*N*D values (ViT-H-14, one image, all 32 layers: 134.7M, 539 MB in fp32); restrict
+        ``layers`` for big models.
+        """
+        chosen = self._check_token_layers(layers)
+        H, N, K = self.spec.heads, self.spec.tokens, self.num_components
+        out = []
+        for l in chosen:
+            layer = self.spec.blocks[l]
+            stream = torch.einsum("hwd,bhnd->bhnw", layer.W_o_heads, self.values[l]) * layer.ls_1
+            stream = stream * self.attention[:, l, :, :, None] + layer.b_o * layer.ls_1 / (N * H)
+            out.append(self._map(stream, 1 / (K * N * H)))
+        return torch.stack(out, dim=1)
+
+    # ---- scores ---------------------------------------------------------------------------------------
+    def _target(self, target: Tensor, per_image: Optional[bool]) -> tuple[Tensor, str]:
+        return canonical_target(target, self.spec.output_dim, self.batch_size, self.embedding.dtype,
+                                self.embedding.device, per_image)
+
+    def _readback(self, e: Tensor) -> tuple[Tensor, Tensor]:
+        """u = gamma * (P e) (Bg, W, K) and the per-unit-share constant c0 = beta.(P e) - mu/sigma sum(u), (B, K)."""
+        r = torch.einsum("wD,bDk->bwk", self.spec.output_projection(), e)
+        u = self.spec.ln_post.gamma[:, None] * r
+        c0 = torch.einsum("w,bwk->bk", self.spec.ln_post.beta, r) - (self.post_mean / self.post_std)[:, None] * u.sum(1)
+        return u, c0
+
+    def _stream_score(self, t: Tensor, u: Tensor) -> Tensor:
+        """t . u / sigma for stream vectors t (B, ..., W): (B, K, ...)."""
+        s = torch.einsum("b...w,bwk->bk...", t, u.expand(t.shape[0], -1, -1))
+        return s / self._bcast(self.post_std, s.dim())
+
+    def _head_weights(self, l: int, u: Tensor) -> Tensor:
+        """g_{l,h} = (W_o^h)^T (ls_1 * u), (Bg, H, d, K)."""
+        layer = self.spec.blocks[l]
+        return torch.einsum("hwd,bwk->bhdk", layer.W_o_heads, layer.ls_1[:, None] * u)
+
+    def _parts(self, e: Tensor, level: str, layers: tuple) -> tuple[Tensor, Tensor]:
+        """(scores (B, K, ...) at ``level``, what lies outside them (B, K)) for canonical directions e."""
+        spec, K = self.spec, self.num_components
+        H, N, L = spec.heads, spec.tokens, spec.layers
+        u, c0 = self._readback(e)
+        emb = self._stream_score(self.embedding_stream, u) + c0 / K                    # (B, K)
+        mlp = self._stream_score(self.mlp_stream, u) + c0[..., None] / K               # (B, K, L)
+        bias = torch.stack([torch.einsum("w,bwk->bk", spec.blocks[l].b_o * spec.blocks[l].ls_1, u)
+                            for l in range(L)], dim=-1) / self._bcast(self.post_std, 3)  # (B, K, L) b_o . u / sigma
+        heads, weights = [], [self._head_weights(l, u).expand(self.batch_size, -1, -1, -1) for l in range(L)]
+        for l in range(L):
+            hs = torch.einsum("bhd,bhdk->bkh", self.head_outputs[:, l], weights[l])
+            heads.append(hs / self._bcast(self.post_std, 3) + (bias[:, :, l, None] + c0[..., None] / K) / H)
+        heads = torch.stack(heads, dim=2)                                              # (B, K, L, H)
+        if level in ("component", "layer"):
+            layer_scores = torch.stack([heads.sum(-1), mlp], dim=-1).flatten(2)        # attn_0, mlp_0, attn_1, ...
+            return torch.cat([emb[..., None], layer_scores], dim=-1), torch.zeros_like(emb)
+        rest = emb + mlp.sum(-1)
+        if level == "head":
+            return heads, rest
+        tokens = []
+        for l in layers:
+            vs = torch.einsum("bhnd,bhdk->bkhn", self.values[l], weights[l]) * self.attention[:, None, l]
+            share = (bias[:, :, l, None, None] + c0[..., None, None] / K) / (N * H)
+            tokens.append(vs / self._bcast(self.post_std, 4) + share)
+        tokens = (torch.stack(tokens, dim=2) if tokens else
+                  emb.new_zeros(*emb.shape, 0, H, N))                                 # (B, K, L', H, N)
+        others = [l for l in range(L) if l not in layers]
+        rest = rest + heads[:, :, others].sum(dim=(-1, -2))
+        if level == "token":
+            return tokens, rest
+        cls = spec.class_index
+        rest = rest + tokens[..., cls].sum(dim=(-1, -2))
+        spatial = torch.cat([tokens[..., :cls], tokens[..., cls + 1:]], dim=-1).sum(dim=(2, 3))
+        return spatial.view(*spatial.shape[:2], *spec.grid), rest
+
+    def _scale(self, e: Tensor, normalize: bool) -> Optional[Tensor]:
+        """(B, K) divisor turning dot products into cosines, or None."""
+        return self.embedding.norm(dim=-1)[:, None] * e.norm(dim=1) if normalize else None
+
+    def scores(self, target: Tensor, level: str = "component", normalize: bool = False,
+               per_image: Optional[bool] = None, layers: Optional[Sequence[int]] = None) -> Tensor:
+        """Additive scores of the image embedding against ``target`` at one granularity.
+
+        Shapes for one direction (a set of K directions inserts K after B):
+        ``"component"`` / ``"layer"`` (B, 2L+1) in the order [embedding, attn_0, mlp_0, attn_1, mlp_1, ...];
+        ``"head"`` (B, L, H); ``"token"`` (B, L', H, N) over the kept token layers (or ``layers``);
+        ``"spatial"`` (B, gh, gw), the patch tokens' entries summed over those layers and heads.
+
+        Completeness: ``scores(...).sum() + rest_score(target, level)`` equals ``y . e`` (or the cosine when
+        normalised); at component/layer level the rest is zero.
+        """
+        return self.scores_and_rest(target, level, normalize, per_image, layers)[0]
+
+    def rest_score(self, target: Tensor, level: str = "spatial", normalize: bool = False,
+                   per_image: Optional[bool] = None, layers: Optional[Sequence[int]] = None) -> Tensor:
+        """What the scores at ``level`` leave out, (B,) or (B, K): the embedding and MLP components (head,
+        token, spatial levels), the heads of layers outside the token layers (token, spatial), and the class
+        token's own entries (spatial). Zero at component/layer level."""
+        return self.scores_and_rest(target, level, normalize, per_image, layers)[1]
+
+    def scores_and_rest(self, target: Tensor, level: str = "component", normalize: bool = False,
+                        per_image: Optional[bool] = None,
+                        layers: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor]:
+        """``(scores(...), rest_score(...))`` computed in one pass (the two share all their work)."""
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(map(repr, LEVELS))}; got {level!r}")
+        e, kind = self._target(target, per_image)
+        out, rest = self._parts(e, level, self._check_token_layers(layers) if level in ("token", "spatial") else ())
+        scale = self._scale(e, normalize)
+        return _finish(out, kind, scale), _finish(rest, kind, scale)
+
+    # ---- the unmodified model and completeness ------------------------------------------------------------
+    @property
+    def model_embedding(self) -> Tensor:
+        """The unmodified image tower's output on the same images, (B, D) (the rebuilt one if no module)."""
+        if self._model_embedding is None:
+            ref = model_output(self.spec, self.images) if self.images is not None else None
+            self._model_embedding = ref if ref is not None else self.embedding
+        return self._model_embedding
+
+    def completeness_error(self, target: Optional[Tensor] = None, level: str = "layer",
+                           per_image: Optional[bool] = None) -> Tensor:
+        """Relative residual between the sum of the components at ``level`` and the model's own output.
+
+        Without a target: ``||sum of dense components - y|| / ||y||``, (B,) (``"token"``/``"spatial"`` build the
+        token table of the kept layers). With a target: ``|sum of scores + rest_score - y . e| / (||y|| ||e||)``,
+        (B,) or (B, K).
+        """
+        y = self.model_embedding
+        if target is None:
+            if level not in LEVELS:
+                raise ValueError(f"level must be one of {', '.join(map(repr, LEVELS))}; got {level!r}")
+            heads = self.head_contributions()
+            if level in ("token", "spatial"):
+                others = [l for l in range(self.spec.layers) if l not in self.token_layers]
+                attn = heads[:, others].sum(dim=(1, 2))
+                if self.token_layers:
+                    attn = attn + self.token_contributions().sum(dim=(1, 2, 3))
+            else:
+                attn = heads.sum(dim=(1, 2))
+            total = self.embedding_term + self.mlp.sum(dim=1) + attn
+            return (total - y).norm(dim=-1) / y.norm(dim=-1)
+        e, kind = self._target(target, per_image)
+        keep = 1 if kind == "set" else 0
+        parts, rest = self.scores_and_rest(target, level=level, per_image=per_image)
+        total = parts.flatten(start_dim=1 + keep).sum(dim=-1) + rest
+        ref = _finish(torch.einsum("bD,bDk->bk", y.to(e.dtype), e.expand(self.batch_size, -1, -1)), kind, None)
+        return (total - ref).abs() / _finish(self._scale(e, True), kind, None)
+
+    # ---- ablation --------------------------------------------------------------------------------------
+    def mean_ablated(self, head_mask: Optional[Tensor] = None, head_means: Optional[Tensor] = None,
+                     mlp_keep: Optional[Tensor] = None, mlp_means: Optional[Tensor] = None) -> Tensor:
+        """The embedding with dropped components replaced by their dataset means, (B, D). Exact (linear).
+
+        Args:
+            head_mask: (L, H) bool, True = keep the head; None keeps every head.
+            head_means: (L, H, D) mean head contributions (e.g. ``head_contributions().mean(0)`` over a dataset);
+                needed when a head is dropped.
+            mlp_keep: (L,) bool, True = keep the layer's MLP; None keeps every MLP.
+            mlp_means: (L, D) mean MLP components; needed when an MLP is dropped.
+
+        Returns:
+            ``y - sum_dropped (c - mean(c))``; keeping everything returns ``embedding`` unchanged.
+        """
+        L, H, D = self.spec.layers, self.spec.heads, self.spec.output_dim
+        out = self.embedding
+        for name, keep, means, shape, parts in (
+                ("head", head_mask, head_means, (L, H), self.head_contributions),
+                ("mlp", mlp_keep, mlp_means, (L,), lambda: self.mlp)):
+            if keep is None:
+                continue
+            keep = torch.as_tensor(keep, dtype=torch.bool, device=out.device)
+            if tuple(keep.shape) != shape:
+                raise ValueError(f"{'head_mask' if name == 'head' else 'mlp_keep'} must be a bool tensor of shape "
+                                 f"{shape} (True = keep); got {tuple(keep.shape)}")
+            if bool(keep.all()):
+                continue
+            label = "head_means" if name == "head" else "mlp_means"
+            if means is None or tuple(means.shape) != (*shape, D):
+                got = None if means is None else tuple(means.shape)
+                raise ValueError(f"{label} must be given as {(*shape, D)} when a component is dropped; got {got}")
+            drop = ~keep
+            comp = parts()                                                  # (B, L, H, D) or (B, L, D)
+            delta = (comp[:, drop] - means.to(comp)[drop]).sum(dim=1)
+            out = out - delta
+        return out
