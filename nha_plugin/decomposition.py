@@ -141,6 +141,36 @@ def decompose_features(spec: AttentionPoolSpec, features: Tensor, *, sink: str =
                          pair_coefficients=coeffs, sink=sink, bias=bias)
 
 
+def canonical_target(target: Tensor, D: int, B: int, dtype: torch.dtype, device: torch.device,
+                     per_image: Optional[bool] = None) -> tuple[Tensor, str]:
+    """Directions as (1 or B, D, K) and their kind ('single' (D,) | 'set' (D, K) | 'per_image' (B, D))."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor of shape (D,), (D, K) or (B, D); got {type(target).__name__}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the decomposition is on {device}; move it with "
+                         "target.to(...)")
+    target = target.to(dtype)
+    if target.dim() == 1:
+        if target.shape[0] != D:
+            raise ValueError(f"target direction has {target.shape[0]} entries; the embedding has D={D}")
+        return target.view(1, D, 1), "single"
+    if target.dim() != 2:
+        raise ValueError(f"target must be (D,), (D, K) or (B, D) with D={D}, B={B}; got {tuple(target.shape)}")
+    as_set, as_per_image = target.shape[0] == D, tuple(target.shape) == (B, D)
+    if per_image is None:
+        if as_set and as_per_image:
+            raise ValueError(f"target of shape {tuple(target.shape)} is ambiguous (B == D == {D}): pass "
+                             "per_image=True or per_image=False")
+        per_image = as_per_image
+    if per_image:
+        if not as_per_image:
+            raise ValueError(f"per-image targets must be (B, D) = ({B}, {D}); got {tuple(target.shape)}")
+        return target.unsqueeze(-1), "per_image"
+    if not as_set:
+        raise ValueError(f"target must be (D,), (D, K) or (B, D) with D={D}, B={B}; got {tuple(target.shape)}")
+    return target.unsqueeze(0), "set"
+
+
 class Contributions:
     """The decomposition of a batch of images.
 
@@ -227,34 +257,8 @@ class Contributions:
 
     # ---- targets ------------------------------------------------------------------------------------
     def _canonical_target(self, target: Tensor, per_image: Optional[bool]) -> tuple[Tensor, str]:
-        """Return directions as (1 or B, D, K) and the kind: 'single' | 'set' | 'per_image'."""
-        D, B = self.spec.output_dim, self.batch_size
-        if not isinstance(target, Tensor):
-            raise TypeError(f"target must be a torch.Tensor of shape (D,), (D, K) or (B, D); got {type(target).__name__}")
-        if target.device != self.pair_coefficients.device:
-            raise ValueError(f"target is on {target.device} but the decomposition is on "
-                             f"{self.pair_coefficients.device}; move it with target.to(...)")
-        target = target.to(self.pair_coefficients.dtype)
-        if target.dim() == 1:
-            if target.shape[0] != D:
-                raise ValueError(f"target direction has {target.shape[0]} entries; the embedding has D={D}")
-            return target.view(1, D, 1), "single"
-        if target.dim() != 2:
-            raise ValueError(f"target must be (D,), (D, K) or (B, D) with D={D}, B={B}; got {tuple(target.shape)}")
-        as_set = target.shape[0] == D
-        as_per_image = tuple(target.shape) == (B, D)
-        if per_image is None:
-            if as_set and as_per_image:
-                raise ValueError(f"target of shape {tuple(target.shape)} is ambiguous (B == D == {D}): "
-                                 "pass per_image=True or per_image=False")
-            per_image = as_per_image
-        if per_image:
-            if not as_per_image:
-                raise ValueError(f"per-image targets must be (B, D) = ({B}, {D}); got {tuple(target.shape)}")
-            return target.unsqueeze(-1), "per_image"
-        if not as_set:
-            raise ValueError(f"target must be (D,), (D, K) or (B, D) with D={D}, B={B}; got {tuple(target.shape)}")
-        return target.unsqueeze(0), "set"
+        s = self.pair_coefficients
+        return canonical_target(target, self.spec.output_dim, self.batch_size, s.dtype, s.device, per_image)
 
     def _scale(self, e: Tensor, normalize: bool) -> Optional[Tensor]:
         """(B, K) divisor that turns dot products into cosines, or None."""

@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..decomposition import Contributions
+from ..decomposition import Contributions, canonical_target
 from .spec import ViTSpec, select_layers, vit_spec
 from .trace import embed, model_output, pool_and_project, run_block, validate_images
 
@@ -34,36 +34,6 @@ __all__ = ["ViTContributions", "decompose", "LEVELS", "canonical_target"]
 
 LEVELS = ("component", "layer", "head", "token", "spatial")
 _finish = Contributions._finish
-
-
-def canonical_target(target: Tensor, D: int, B: int, dtype: torch.dtype, device: torch.device,
-                     per_image: Optional[bool] = None) -> tuple[Tensor, str]:
-    """Directions as (1 or B, D, K) and their kind ('single' (D,) | 'set' (D, K) | 'per_image' (B, D))."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor of shape (D,), (D, K) or (B, D); got {type(target).__name__}")
-    if target.device != device:
-        raise ValueError(f"target is on {target.device} but the decomposition is on {device}; move it with "
-                         "target.to(...)")
-    target = target.to(dtype)
-    if target.dim() == 1:
-        if target.shape[0] != D:
-            raise ValueError(f"target direction has {target.shape[0]} entries; the embedding has D={D}")
-        return target.view(1, D, 1), "single"
-    if target.dim() != 2:
-        raise ValueError(f"target must be (D,), (D, K) or (B, D) with D={D}, B={B}; got {tuple(target.shape)}")
-    as_set, as_per_image = target.shape[0] == D, tuple(target.shape) == (B, D)
-    if per_image is None:
-        if as_set and as_per_image:
-            raise ValueError(f"target of shape {tuple(target.shape)} is ambiguous (B == D == {D}): pass "
-                             "per_image=True or per_image=False")
-        per_image = as_per_image
-    if per_image:
-        if not as_per_image:
-            raise ValueError(f"per-image targets must be (B, D) = ({B}, {D}); got {tuple(target.shape)}")
-        return target.unsqueeze(-1), "per_image"
-    if not as_set:
-        raise ValueError(f"target must be (D,), (D, K) or (B, D) with D={D}, B={B}; got {tuple(target.shape)}")
-    return target.unsqueeze(0), "set"
 
 
 def decompose(model, images: Tensor, *, token_layers: Union[str, Sequence[int], None] = "all",

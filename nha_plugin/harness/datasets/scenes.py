@@ -509,6 +509,10 @@ class ShiftSampler:
         has[perm[:k]] = True
         return has
 
+    def has_concept(self, year) -> np.ndarray:
+        """(n_per_group,) bool: which scenes of ``year`` carry the planted concept (without rendering them)."""
+        return self._has(self._g(year))
+
     def true_share(self, year) -> float:
         return float(self._has(self._g(year)).mean())
 

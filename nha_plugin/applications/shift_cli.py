@@ -1,0 +1,290 @@
+"""``nha shift``: monitor a concept's share across groups of images with the neuron x head decomposition.
+
+    nha shift                                                    # scenes-rn, "yellow" and "cat", 4 "years"
+    nha shift --concept yellow --concept star --n-per-group 200 --seed 0 --seed 1 --out shift_out
+    nha shift --model RN50x16 --pretrained openai --dataset stanford-cars --root ~/data/stanford_cars \\
+        --colours ~/data/cars_colours.csv --concept yellow --concept convertible \\
+        --presence convertible=is_convertible --out cars_shift
+
+Scenes: each concept is planted by ``nha_plugin.harness.datasets.scenes.years`` (exact shares per year);
+``--concept yellow`` finds the attribute (colour, shape, category, background) or give it: ``colour:yellow``.
+Stanford Cars: groups are model years; presence is ``colour label == concept`` unless ``--presence
+CONCEPT=COLUMN`` reads a 0/1 column of the colours CSV. Writes ``<name>.json``, ``.md`` and ``.png`` to --out;
+each (concept, seed) run is saved under ``<name>.parts/`` as it finishes, so a killed run resumes.
+
+Wire into the ``nha`` parser with :func:`add_parser` and dispatch with :func:`run`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["add_parser", "configure", "run", "main"]
+
+DEFAULT_SCENE_CONCEPTS = ("yellow", "cat")
+
+
+def _floats(text: str) -> list:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.05,0.15,0.3; got {text!r}") from e
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Add the ``shift`` options to a parser."""
+    p.add_argument("--model", default="scenes-rn", help="scenes-rn (bundled) or an open_clip CLIP-ResNet (RN50x16)")
+    p.add_argument("--pretrained", default=None, help="open_clip tag or weights file")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dataset", default="scenes", choices=("scenes", "stanford-cars"))
+    p.add_argument("--concept", action="append", default=[],
+                   help="concept to monitor (repeatable); scenes: yellow | cat | colour:yellow ...; "
+                        f"default {', '.join(DEFAULT_SCENE_CONCEPTS)} for scenes")
+    p.add_argument("--text", action="append", default=[],
+                   help="text for each --concept, in order (default: the concept's word)")
+    p.add_argument("--shares", type=_floats, default=[0.05, 0.15, 0.3, 0.5],
+                   help="scenes: planted share per year (default 0.05,0.15,0.3,0.5)")
+    p.add_argument("--n-per-group", type=int, default=200, help="scenes: images per year")
+    p.add_argument("--start", type=int, default=2018, help="scenes: first year")
+    p.add_argument("--seed", type=int, action="append", default=[],
+                   help="sampler/permutation/split seed (repeatable: one run per seed; default 0)")
+    p.add_argument("--root", default=None, help="stanford-cars: dataset folder (devkit or class-folder layout)")
+    p.add_argument("--split", default="train", choices=("train", "test"), help="stanford-cars split")
+    p.add_argument("--colours", default=None, help="stanford-cars: refined colour labels CSV (columns image,colour)")
+    p.add_argument("--presence", action="append", default=[], metavar="CONCEPT=COLUMN",
+                   help="stanford-cars: read the concept's presence from a 0/1 column of the colours CSV")
+    p.add_argument("--min-group-size", type=int, default=20,
+                   help="stanford-cars: drop years with fewer images (two-sample tests need a few)")
+    p.add_argument("--reference", default=None, help="reference group (default: the first year)")
+    p.add_argument("--k", type=int, default=5, help="top pairs per concept (default 5)")
+    p.add_argument("--k-neurons", type=int, default=5, help="top neurons for the neurons-only baseline")
+    p.add_argument("--k-heads", type=int, default=1, help="top heads for the heads-only baseline")
+    p.add_argument("--templates", default="imagenet", help="imagenet (CLIP's 80) | photo | none | FILE")
+    p.add_argument("--stats", default=None,
+                   help="pair PC0 signs from a nha_plugin.stats file (DatasetStats.load(PATH).pc0_sign)")
+    p.add_argument("--unsigned", action="store_true", help="all pair signs +1 (no data for the signs)")
+    p.add_argument("--fit", default=None, choices=("scenes", "reference"),
+                   help="images fitting the pair signs and neuron/head PC0s: generic generated scenes (default for "
+                        "--dataset scenes) or the reference group (default for stanford-cars)")
+    p.add_argument("--fit-images", type=int, default=1000, help="images fitting signs and PC0s (default 1000)")
+    p.add_argument("--permutations", type=int, default=500, help="MMD permutations")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default="shift_out", help="output folder")
+    p.add_argument("--name", default="shift", help="file stem of the outputs")
+    p.add_argument("--cache-dir", default=None, help="text-embedding cache (default ~/.cache/nha_plugin/text)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``shift`` sub-command to an ``argparse`` subparsers object; returns its parser."""
+    p = subparsers.add_parser("shift", help="distribution-shift monitor: concept scores and two-sample tests",
+                              description=__doc__.split("\n\nWire")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure(p)
+    return p
+
+
+def scene_concept(concept: str) -> tuple:
+    """``"yellow"`` -> ``("colour", "yellow")``; ``"shape:star"`` -> ``("shape", "star")``."""
+    from ..harness.datasets.scenes import BACKGROUNDS, CATEGORIES, COLOURS, SHAPES
+    vocab = {"colour": COLOURS, "shape": SHAPES, "category": CATEGORIES, "background": BACKGROUNDS}
+    if ":" in concept:
+        attr, value = concept.split(":", 1)
+        if attr not in vocab or value not in vocab[attr]:
+            raise SystemExit(f"nha shift: unknown scene concept {concept!r}; attributes and values: "
+                             + "; ".join(f"{a}: {', '.join(v)}" for a, v in vocab.items()))
+        return attr, value
+    hits = [a for a, values in vocab.items() if concept in values]
+    if not hits:
+        raise SystemExit(f"nha shift: {concept!r} is not planted in the scenes; choose from "
+                         + "; ".join(f"{a}: {', '.join(v)}" for a, v in vocab.items()))
+    return hits[0], concept
+
+
+def _concept_texts(args) -> dict:
+    if args.text and len(args.text) != len(args.concept):
+        raise SystemExit(f"nha shift: give one --text per --concept ({len(args.concept)} concepts, "
+                         f"{len(args.text)} texts) or none")
+    texts = args.text or [c.split(":", 1)[-1] for c in args.concept]
+    return dict(zip(args.concept, texts))
+
+
+def _pair_signs(args, spec):
+    if args.stats and args.unsigned:
+        raise SystemExit("nha shift: --stats and --unsigned contradict each other; give one")
+    if args.unsigned:
+        return None
+    if args.stats:
+        try:
+            from ..stats import DatasetStats
+        except ImportError as e:
+            raise SystemExit(f"nha shift --stats needs nha_plugin.stats.DatasetStats, which this install lacks ({e})")
+        signs = DatasetStats.load(args.stats).pc0_sign
+        if signs is None or tuple(signs.shape) != (spec.num_heads, spec.num_neurons):
+            raise SystemExit(f"nha shift: {args.stats} holds no (H, C) = ({spec.num_heads}, {spec.num_neurons}) "
+                             "pc0_sign for this model")
+        return signs
+    return "fit"
+
+
+def _presence_columns(args, concepts: dict) -> dict:
+    """Check the stanford-cars options before anything loads; returns concept -> CSV column."""
+    if not args.root:
+        raise SystemExit("nha shift --dataset stanford-cars needs --root PATH (the Stanford Cars folder)")
+    if not args.colours:
+        raise SystemExit("nha shift --dataset stanford-cars needs --colours CSV (the refined colour labels) to read "
+                         "each concept's presence")
+    columns = {}
+    for item in args.presence:
+        concept, sep, column = item.partition("=")
+        if not sep or concept not in concepts:
+            raise SystemExit(f"nha shift: --presence expects CONCEPT=COLUMN with CONCEPT one of {list(concepts)}; "
+                             f"got {item!r}")
+        columns[concept] = column
+    return columns
+
+
+def _cars_data(args, concepts: dict):
+    from ..harness.datasets.stanford_cars import StanfordCars
+    from .shift import ShiftData
+    import numpy as np
+
+    columns = _presence_columns(args, concepts)
+    ds = StanfordCars(args.root, split=args.split, colours=args.colours)
+    rules, presence, keep = {}, {}, np.ones(len(ds), dtype=bool)
+    for concept in concepts:
+        if concept in columns:
+            values = [ds.column(i, columns[concept]) for i in range(len(ds))]
+            rules[concept] = f"colours CSV column {columns[concept]!r} is 1/true/yes"
+        else:
+            values = [None if r.colour is None else r.colour.lower() == concept.lower() for r in ds.records]
+            rules[concept] = f"colour label == {concept!r}"
+        keep &= np.array([v is not None for v in values])
+        presence[concept] = np.array([bool(v) for v in values])
+    years = np.array([r.year for r in ds.records])
+    counts = {y: int((years[keep] == y).sum()) for y in set(years[keep].tolist())}
+    small = sorted(y for y, c in counts.items() if c < args.min_group_size)
+    keep &= ~np.isin(years, small)
+    idx = np.flatnonzero(keep)
+    if not args.quiet:
+        print(f"stanford-cars {args.split}: {len(ds)} images, {len(idx)} kept ({(~keep).sum()} without a label or "
+              f"in years with < {args.min_group_size} images: {small})", file=sys.stderr)
+    return ShiftData(groups=years[idx], presence={c: p[idx] for c, p in presence.items()},
+                     load=lambda k: ds.image(int(idx[k])),
+                     name=f"Stanford Cars {args.split} ({args.root}), colours {args.colours}",
+                     presence_rule=rules)
+
+
+def _fingerprint(args, extra: dict) -> str:
+    keys = ("model", "pretrained", "dataset", "shares", "n_per_group", "start", "root", "split", "colours",
+            "presence", "min_group_size", "reference", "k", "k_neurons", "k_heads", "templates", "stats",
+            "unsigned", "fit", "fit_images", "permutations")
+    blob = json.dumps({**{k: getattr(args, k) for k in keys}, **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cached_run(parts: Path, key: str, compute) -> dict:
+    """Reuse ``parts/<key>.json`` from an earlier (killed) run with the same settings, else compute and save it."""
+    path = parts / f"{key}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:     # a torn file from a killed writer is recomputed
+            pass
+    result = compute()
+    parts.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return result
+
+
+def run(args) -> int:
+    """Execute a parsed ``shift`` command."""
+    import torch
+
+    import nha_plugin as nha
+    from ..adapters import get_spec
+    from .shift import ShiftData, run_monitor, write_report
+
+    if args.dataset == "scenes" and not args.concept:
+        args.concept = list(DEFAULT_SCENE_CONCEPTS)
+    if not args.concept:
+        raise SystemExit("nha shift: give at least one --concept")
+    seeds = args.seed or [0]
+    concepts = _concept_texts(args)
+    if args.dataset == "scenes":
+        planted = {c: scene_concept(c) for c in concepts}          # fail on a typo before loading anything
+        if len(args.shares) < 2 or not all(0.0 <= s <= 1.0 for s in args.shares):
+            raise SystemExit(f"nha shift: --shares needs at least two values in [0, 1]; got {args.shares}")
+    else:
+        _presence_columns(args, concepts)
+    torch.manual_seed(0)
+    model, preprocess, tokenizer = nha.load_clip(args.model, pretrained=args.pretrained, device=args.device)
+    signs = _pair_signs(args, get_spec(model))
+    out = Path(args.out)
+    parts = out / f"{args.name}.parts"
+    fit = args.fit or ("scenes" if args.dataset == "scenes" else "reference")
+    fit_data = ShiftData.from_scenes(args.fit_images) if fit == "scenes" else None
+    common = dict(fit_data=fit_data, k=args.k, k_neurons=args.k_neurons, k_heads=args.k_heads,
+                  templates=None if args.templates == "none" else args.templates, n_permutations=args.permutations,
+                  fit_images=args.fit_images, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                  progress=not args.quiet, pair_signs=signs)
+    reference = None if args.reference is None else (int(args.reference) if args.reference.lstrip("-").isdigit()
+                                                      else args.reference)
+    runs = []
+    for seed in seeds:
+        if args.dataset == "scenes":
+            from ..harness.datasets.scenes import years
+            for concept, text in concepts.items():
+                def compute(concept=concept, text=text):
+                    sampler = years(planted[concept], shares=args.shares, start=args.start,
+                                    n_per_group=args.n_per_group, seed=seed)
+                    data = ShiftData.from_sampler(sampler, concept)
+                    return run_monitor(model, preprocess, tokenizer, data, {concept: text}, reference=reference,
+                                       seed=seed, **common)
+                key = f"{concept.replace(':', '-')}-seed{seed}-{_fingerprint(args, {'text': text, 'seed': seed})}"
+                runs.append(_cached_run(parts, key, compute))
+        else:
+            data = _cars_data(args, concepts)
+            key = f"cars-seed{seed}-{_fingerprint(args, {'concepts': concepts, 'seed': seed})}"
+            runs.append(_cached_run(parts, key, lambda: run_monitor(model, preprocess, tokenizer, data, concepts,
+                                                                     reference=reference, seed=seed, **common)))
+    report = {"protocol": {"command": "nha shift " + " ".join(getattr(args, "argv", None) or sys.argv[2:]),
+                           "model": args.model, "pretrained": args.pretrained, "dataset": args.dataset,
+                           "seeds": seeds}, "runs": runs}
+    paths = write_report(report, out, args.name)
+    if not args.quiet:
+        _print_summary(runs)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _print_summary(runs) -> None:
+    from .shift import METHOD_LABELS, METHODS
+    print(f"{'concept':>14} {'seed':>4}  " + "  ".join(f"{METHOD_LABELS[m]:>16}" for m in METHODS)
+          + "   (per-image r / group-mean r)")
+    for run in runs:
+        for c, res in run["concepts"].items():
+            cells = [f"{res['per_image_r'][m]:+.3f}/{res['group_mean_r'][m]:+.3f}" for m in METHODS]
+            print(f"{c:>14} {run['protocol']['seed']:>4}  " + "  ".join(f"{x:>16}" for x in cells))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Stand-alone entry point: ``python -m nha_plugin.applications.shift_cli shift ...``."""
+    parser = argparse.ArgumentParser(prog="nha")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv[1:]
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
