@@ -258,27 +258,19 @@ def nad_neurons(forward, images, target):
 
 
 # ---- CLIP-specific baselines ------------------------------------------------------------------------
-@register_method("maskclip", family="clip", needs_grad=False,
-                 description="MaskCLIP for ResNet: per-token c_proj(v_proj(F_t)) (no q/k, no positional "
-                             "embedding), cosine with the target text direction")
-def maskclip(forward, images, target):
-    spec = _spec(forward)
-    feats = spec.trunk(images)
-    flat = rearrange(feats, "b c h w -> b (h w) c")
-    out = (flat @ spec.v_weight.T + spec.v_bias) @ spec.c_weight.T + spec.c_bias   # (B, hw, D)
-    e = _directions(forward, target).to(out.dtype)
-    cos = torch.einsum("btd,bd->bt", F.normalize(out, dim=-1), F.normalize(e, dim=-1))
-    return cos.view(-1, *feats.shape[-2:])
+def maskclip_tokens(spec: AttentionPoolSpec, features: Tensor) -> Tensor:
+    """MaskCLIP for ResNet: c_proj(v_proj(F_m)) per spatial cell (no q/k, no positional embedding), (B, h*w, D)."""
+    flat = rearrange(features, "b c h w -> b (h w) c")
+    return (flat @ spec.v_weight.T + spec.v_bias) @ spec.c_weight.T + spec.c_bias
 
 
-@register_method("self_self", family="clip", needs_grad=False,
-                 description="attention-pool self-self: per head softmax(QQ^T/sqrt d)+softmax(KK^T/sqrt d) over all "
-                             "tokens applied to V, then c_proj; cosine of each spatial token with the target")
-def self_self(forward, images, target):
-    spec = _spec(forward)
-    feats = spec.trunk(images)
-    z = tokens(feats, spec.positional_embedding)                                  # (B, T, C)
+def self_self_tokens(spec: AttentionPoolSpec, features: Tensor,
+                     positional_embedding: Optional[Tensor] = None) -> Tensor:
+    """Self-self attention outputs per spatial token, (B, h*w, D): per head
+    (softmax(QQ^T/sqrt d) + softmax(KK^T/sqrt d)) over all T tokens applied to V, heads concatenated, then c_proj.
+    ``positional_embedding`` (T, C) defaults to the spec's (pass an interpolated one for other grids)."""
     H, d = spec.num_heads, spec.head_dim
+    z = tokens(features, spec.positional_embedding if positional_embedding is None else positional_embedding)
 
     def heads(wt, b):
         return rearrange(z @ wt.T + b, "b t (h j) -> b h t j", h=H)
@@ -287,9 +279,31 @@ def self_self(forward, images, target):
     attn = (torch.softmax(q @ q.transpose(-1, -2) / math.sqrt(d), dim=-1)
             + torch.softmax(k @ k.transpose(-1, -2) / math.sqrt(d), dim=-1))
     out = rearrange(attn @ v, "b h t j -> b t (h j)") @ spec.c_weight.T + spec.c_bias
-    e = _directions(forward, target).to(out.dtype)
-    cos = torch.einsum("btd,bd->bt", F.normalize(out[:, 1:], dim=-1), F.normalize(e, dim=-1))
-    return cos.view(-1, *feats.shape[-2:])
+    return out[:, 1:]
+
+
+@register_method("maskclip", family="clip", needs_grad=False,
+                 description="MaskCLIP for ResNet: per-token c_proj(v_proj(F_t)) (no q/k, no positional "
+                             "embedding), cosine with the target text direction")
+def maskclip(forward, images, target):
+    spec = _spec(forward)
+    feats = spec.trunk(images)
+    return _cosine_map(maskclip_tokens(spec, feats), _directions(forward, target), feats.shape[-2:])
+
+
+@register_method("self_self", family="clip", needs_grad=False,
+                 description="attention-pool self-self: per head softmax(QQ^T/sqrt d)+softmax(KK^T/sqrt d) over all "
+                             "tokens applied to V, then c_proj; cosine of each spatial token with the target")
+def self_self(forward, images, target):
+    spec = _spec(forward)
+    feats = spec.trunk(images)
+    return _cosine_map(self_self_tokens(spec, feats), _directions(forward, target), feats.shape[-2:])
+
+
+def _cosine_map(out: Tensor, e: Tensor, grid) -> Tensor:
+    """Cosine of each token output (B, hw, D) with its image's target direction (B, D), as a (B, h, w) grid."""
+    cos = torch.einsum("btd,bd->bt", F.normalize(out, dim=-1), F.normalize(e.to(out.dtype), dim=-1))
+    return cos.view(-1, *grid)
 
 
 @register_method("class_attention", family="clip", needs_grad=False, target_dependent=False,
