@@ -1,0 +1,319 @@
+"""``nha stats`` and ``nha sparsity``: dataset statistics of a CLIP-ResNet, then mean-ablation sparsity curves.
+
+    nha stats --out stats.safetensors --n 512 --batch-size 32 --resume          # held-out scenes, scenes-rn
+    nha stats --model RN50 --images DIR --out rn50_stats.safetensors            # a folder of images
+    torchrun --nproc_per_node 2 -m nha_plugin.applications.stats_cli stats --num-images 512 --out s.safetensors
+                                                  # sharded, merged exactly (gloo; NCCL with --device cuda)
+    nha sparsity --stats stats.safetensors --task colour,shape,background \\
+        --fractions 0.01,0.05,0.1,0.2,0.5,1 --out sparsity_out                  # JSON + Markdown + PNG
+
+Wire into ``nha`` with ``add_parser(subparsers)`` (adds both sub-commands) and dispatch ``run(args)``; also
+runnable alone: ``python -m nha_plugin.applications.stats_cli stats|sparsity ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["add_parser", "run", "main", "SceneImages", "FolderImages", "scene_tasks", "IMAGE_SUFFIXES"]
+
+STATS_HELP = "one streaming pass of pair-coefficient statistics over held-out scenes or a folder of images"
+SPARSITY_HELP = "zero-shot accuracy under mean-ablation of pairs/neurons/heads and under reconstructions"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+STATS_SEED = 7000        # held out: scenes-rn trained on seed 0 and was evaluated on 1000-1002 and 2000-2002
+SPARSITY_SEED = 7100
+TASKS = ("colour", "shape", "background")
+
+
+class SceneImages(torch.utils.data.Dataset):
+    """Generated scenes (a ``SceneDataset``) through a model's preprocess: items (3, S, S)."""
+
+    def __init__(self, scenes, preprocess):
+        self.scenes = scenes
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+        return self.preprocess(Image.fromarray(self.scenes[i].image))
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Every image file directly under a folder (sorted by name), read with PIL as RGB, preprocessed."""
+
+    def __init__(self, folder, preprocess):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--images {folder}: not a folder; give a directory of image files")
+        self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise ValueError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in that folder")
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+        with Image.open(self.files[i]) as im:
+            return self.preprocess(im.convert("RGB"))
+
+
+def scene_tasks(n: int, seed: int, tasks: Sequence[str] = TASKS) -> dict:
+    """The held-out zero-shot tasks of ``scenes-rn``: ``{task: (SceneDataset, labels (n,), class prompts)}``.
+
+    colour: 1-shape scenes, 6 colours, "a photo of a {colour} object"; shape: 1-shape scenes, 5 shapes,
+    "a photo of a {shape}"; background: 1-3 objects, 6 backgrounds, "a photo of something on {background}".
+    Seeds: ``seed``, ``seed + 1``, ``seed + 2`` (the prompts are those the model was evaluated with)."""
+    from ..harness.datasets import scenes as S
+    from ..zoo.train_scenes_rn import prompt_sets
+    prompts = prompt_sets()
+    table = {
+        "colour": (dict(n_objects=1, kinds=("shape",)), lambda sc: S.COLOURS.index(sc.objects[0].colour),
+                   prompts["colour"]),
+        "shape": (dict(n_objects=1, kinds=("shape",)), lambda sc: S.SHAPES.index(sc.objects[0].shape),
+                  prompts["name"][:len(S.SHAPES)]),
+        "background": ({}, lambda sc: S.BACKGROUNDS.index(sc.background), prompts["background"]),
+    }
+    out = {}
+    for i, task in enumerate(TASKS):
+        if task in tasks:
+            kwargs, label_of, classes = table[task]
+            ds = S.SceneDataset(n, seed=seed + i, **kwargs)
+            out[task] = (ds, torch.tensor([label_of(sc) for sc in ds]), classes)
+    return out
+
+
+# ---- argument parsing --------------------------------------------------------------------------------------
+def _csv(cast):
+    def parse(text: str) -> list:
+        try:
+            return [cast(t.strip()) for t in text.split(",") if t.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {cast.__name__}; got {text!r}") from err
+    return parse
+
+
+def configure_stats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="scenes-rn", help="model name for nha.load_clip (default: bundled scenes-rn)")
+    p.add_argument("--images", default=None, help="folder of images (default: generated held-out scenes)")
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=512,
+                   help="number of generated scenes (ignored with --images); under torchrun write --num-images, "
+                        "since torchrun reads --n as an abbreviation of its own options")
+    p.add_argument("--seed", type=int, default=STATS_SEED, help="scene seed, held out from training")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--k", type=int, default=50, help="per-pair top-k length (the paper: 50)")
+    p.add_argument("--head-covariance", choices=("auto", "on", "off"), default="auto",
+                   help="keep the (H, D, D) head covariances (auto: when H*D*D <= 2**24)")
+    p.add_argument("--out", default="stats.safetensors", help="output statistics file")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    p.add_argument("--checkpoint-every", type=int, default=4, help="batches between checkpoints")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def configure_sparsity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stats", required=True, help="statistics file from `nha stats`")
+    p.add_argument("--model", default="scenes-rn", help="the model the statistics were collected on")
+    p.add_argument("--task", type=_csv(str), default=list(TASKS), help="comma-separated: colour,shape,background")
+    p.add_argument("--fractions", type=_csv(float), default=[0.01, 0.05, 0.1, 0.2, 0.5, 1.0],
+                   help="kept fractions of units to sweep")
+    p.add_argument("--levels", type=_csv(str), default=["pair", "pair-rms", "neuron", "head"],
+                   help="unit levels to sweep (pair: the paper's top-k importance; pair-rms: std(s) x ||u||)")
+    p.add_argument("--n", type=int, default=300, help="held-out scenes per task")
+    p.add_argument("--seed", type=int, default=SPARSITY_SEED, help="task scene seed (task i uses seed + i)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--pcs", type=_csv(int), default=[1, 2, 4], help="neuron PCs per neuron for reconstructions")
+    p.add_argument("--text-k", type=_csv(int), default=[4, 16, 64],
+                   help="words per pair direction for sparse-text reconstructions (empty: none)")
+    p.add_argument("--pool", default="words:5000+scenes", help="word pool for the sparse-text dictionary")
+    p.add_argument("--templates", default="photo", help="templates for the word embeddings (none|photo|imagenet)")
+    p.add_argument("--rescale", action="store_true", help="scale each OMP approximation back to ||u||")
+    p.add_argument("--no-text-control", dest="text_control", action="store_false",
+                   help="skip the control reconstruction from as many random atoms as words")
+    p.add_argument("--out", default="sparsity_out", help="output folder")
+    p.add_argument("--name", default="sparsity", help="file stem of NAME.json / NAME.md / NAME.png")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_parser(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """Add the ``stats`` and ``sparsity`` sub-commands to an ``argparse`` sub-parser collection."""
+    ps = subparsers.add_parser("stats", help=STATS_HELP, description=STATS_HELP)
+    configure_stats(ps)
+    pp = subparsers.add_parser("sparsity", help=SPARSITY_HELP, description=SPARSITY_HELP)
+    configure_sparsity(pp)
+    return ps, pp
+
+
+# ---- commands ----------------------------------------------------------------------------------------------
+def _load(name: str, device: str):
+    import nha_plugin as nha
+    model, preprocess, tokenizer = nha.load_clip(name)
+    return model.to(device).eval(), preprocess, tokenizer
+
+
+def _init_distributed(device: str) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL for CUDA, else
+    gloo; each process then uses GPU LOCAL_RANK. Returns whether this call created the group."""
+    import os
+
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+    if args.batch_size < 1 or args.n < 1:
+        raise SystemExit("nha stats: --n and --batch-size must be at least 1")
+    created = _init_distributed(args.device)
+    try:
+        return _run_stats(args)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from ..stats import _dist_info, _rank_path, collect
+    device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else args.device
+    model, preprocess, _ = _load(args.model, device)
+    if args.images:
+        try:
+            data = FolderImages(args.images, preprocess)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"nha stats: {err}") from err
+        source = f"folder {args.images} ({len(data)} images)"
+    elif args.model == "scenes-rn":
+        from ..harness.datasets.scenes import SceneDataset
+        data = SceneImages(SceneDataset(args.n, seed=args.seed), preprocess)
+        source = f"generated scenes SceneDataset({args.n}, seed={args.seed})"
+    else:
+        raise SystemExit(f"nha stats: {args.model} was not trained on the generated scenes; pass --images DIR")
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    head_cov = {"auto": None, "on": True, "off": False}[args.head_covariance]
+    start = time.perf_counter()
+    stats = collect(model, data, batch_size=args.batch_size, k=args.k, head_covariance=head_cov, checkpoint=partial,
+                    checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet,
+                    num_workers=args.workers, meta={"data": source, "model_name": args.model,
+                                                    "command": _command(args)})
+    rank, world = _dist_info()
+    if rank == 0:
+        stats.save(out)
+        H, C = stats.shape
+        print(f"nha stats: {stats.count} images ({source}), H={H} x C={C} pairs, k={stats.k}, "
+              f"{world} process(es), {time.perf_counter() - start:.1f} s -> {out}")
+    _rank_path(partial, rank, world).unlink(missing_ok=True)
+    return 0
+
+
+@torch.no_grad()
+def _coefficients(model, dataset, batch_size: int, device: str, progress: bool, desc: str) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
+    import nha_plugin as nha
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    out = [nha.decompose(model, x.to(device)).pair_coefficients.double().cpu()
+           for x in tqdm(loader, desc=desc, disable=not progress)]
+    return torch.cat(out)
+
+
+def run_sparsity(args: argparse.Namespace) -> int:
+    from ..adapters import get_spec
+    from ..readout import ZeroShotClassifier
+    from ..stats import DatasetStats
+    from . import ablation as A
+    if args.model != "scenes-rn":
+        raise SystemExit("nha sparsity: the tasks are the planted scene concepts, which only scenes-rn knows; "
+                         "use nha_plugin.applications.ablation.sparsity_curves with your own labels")
+    bad = [t for t in args.task if t not in TASKS] + [lv for lv in args.levels if lv not in A.LEVELS]
+    if bad:
+        raise SystemExit(f"nha sparsity: unknown task/level {bad}; tasks: {', '.join(TASKS)}; levels: "
+                         f"{', '.join(A.LEVELS)}")
+    if any(not 0 <= f <= 1 for f in args.fractions):
+        raise SystemExit(f"nha sparsity: --fractions must lie in [0, 1]; got {args.fractions}")
+    start = time.perf_counter()
+    model, preprocess, tokenizer = _load(args.model, args.device)
+    spec = get_spec(model)
+    stats = DatasetStats.load(args.stats, model=model)
+    text = {}
+    dictionary_note = None
+    if args.text_k:
+        from ..text import build_dictionary, prepare_dictionary
+        words = build_dictionary(model, tokenizer, pool=args.pool, templates=args.templates, progress=not args.quiet)
+        dictionary_note = (f"pool {args.pool!r} ({len(words)} texts), templates {args.templates!r}, centred and "
+                           "unit-normalised per text; OMP coefficients")
+        if args.rescale:
+            dictionary_note += ", rescaled to ||u||"
+        dictionaries = {"": words.atoms}
+        if args.text_control:
+            # same number of random unit atoms: what the reconstruction keeps without any text
+            g = torch.Generator().manual_seed(0)
+            dictionaries["random atoms, "] = prepare_dictionary(torch.randn(words.atoms.shape, generator=g))
+            dictionary_note += "; control: as many random Gaussian atoms (seed 0), prepared the same way"
+        for label, atoms in dictionaries.items():
+            for k in args.text_k:
+                directions, rel = A.text_directions(spec, atoms, k, rescale=args.rescale, progress=not args.quiet)
+                text[f"{label}k={k} (mean residual {float(rel.mean()):.2f})"] = directions
+    tasks = {}
+    for task, (scenes, labels, classes) in scene_tasks(args.n, args.seed, args.task).items():
+        s = _coefficients(model, SceneImages(scenes, preprocess), args.batch_size, args.device, not args.quiet,
+                          f"decomposing {task}")
+        head = ZeroShotClassifier(model, tokenizer, classes, templates=("{}",))
+        tasks[task] = A.sparsity_curves(spec, s, labels, head.readout.T.double().cpu(), stats, args.fractions,
+                                        args.levels, args.pcs, text)
+        tasks[task]["classes"] = classes
+        tasks[task]["n"] = len(labels)
+    result = {"tasks": tasks, "meta": {
+        "model": args.model, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "stats": f"{args.stats}: {stats.count} images ({stats.meta.get('data', 'unknown data')}), k={stats.k}",
+        "commands": [c for c in (stats.meta.get("command"), _command(args)) if c],
+        "data": f"{args.n} held-out scenes per task, seeds {args.seed}+i (colour, shape, background)",
+        "dictionary": dictionary_note, "importance": "pair: mean top-k |s - mean| x ||u|| (the paper); pair-rms, "
+        "neuron, head: RMS norm of the centred contribution", "seconds": round(time.perf_counter() - start, 1),
+        "arguments": {k: v for k, v in vars(args).items() if k != "argv"}}}
+    paths = A.write_report(result, args.out, args.name)
+    print(A.sparsity_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that ran, for the records (``main`` stores its argv; ``nha`` leaves sys.argv)."""
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    return "nha " + " ".join(shlex.quote(a) for a in argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch ``nha stats`` / ``nha sparsity``."""
+    return run_stats(args) if args.command == "stats" else run_sparsity(args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="nha", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

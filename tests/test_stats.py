@@ -1,0 +1,289 @@
+"""nha_plugin.stats: streaming statistics checked against numpy, brute-force sorts, SVDs of dense
+contributions, the paper's PC0 recipe, an interrupted-and-resumed run and a 2-process gloo run."""
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import images_for, randomise_pool_biases, rerandomise_batchnorm
+from torch.utils.data import TensorDataset
+
+import nha_plugin as nha
+from nha_plugin.stats import DatasetStats, StatsMismatchError, collect
+
+# C=256 neurons, H=8 heads, D=32, 64 px (2x2 grid): small enough for dense references over the dataset
+SMALL_CFG = dict(embed_dim=32, vision_cfg=dict(layers=[1, 1, 1, 1], width=8, head_width=32, image_size=64),
+                 text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
+N_IMAGES = 70
+
+
+def make_small(seed: int = 0):
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**SMALL_CFG)
+    return randomise_pool_biases(rerandomise_batchnorm(model, seed), seed + 1).eval().double()
+
+
+def batches_of(x, size=16):
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_small()
+
+
+@pytest.fixture(scope="module")
+def data(small):
+    x = images_for(64, batch=N_IMAGES, seed=3)
+    contrib = nha.decompose(small, x)
+    return x, contrib
+
+
+@pytest.fixture(scope="module")
+def stats(small, data):
+    return collect(small, batches_of(data[0]), k=50, progress=False)
+
+
+def test_moments_match_numpy(small, data, stats):
+    x, contrib = data
+    s = contrib.pair_coefficients.numpy()                               # (N, H, C)
+    assert stats.count == N_IMAGES
+    np.testing.assert_allclose(stats.pair_mean.numpy(), s.mean(0), rtol=0, atol=1e-12 * np.abs(s).max())
+    np.testing.assert_allclose(stats.pair_var.numpy(), s.var(0), rtol=1e-9, atol=1e-14 * s.var(0).max())
+    cov = np.stack([np.cov(s[:, :, n].T, bias=True) for n in range(s.shape[2])])
+    np.testing.assert_allclose(stats.neuron_covariance.numpy(), cov, rtol=0, atol=1e-10 * np.abs(cov).max())
+    heads = contrib.head_contributions().numpy()                        # (N, H, D), decomposition's own path
+    hcov = np.stack([np.cov(heads[:, h].T, bias=True) for h in range(heads.shape[1])])
+    np.testing.assert_allclose(stats.head_covariance.numpy(), hcov, rtol=0, atol=1e-10 * np.abs(hcov).max())
+    np.testing.assert_allclose(stats.head_importance.numpy() ** 2, np.trace(hcov, axis1=1, axis2=2), rtol=1e-9)
+    np.testing.assert_allclose(stats.head_mean.numpy(), heads.mean(0), rtol=0, atol=1e-10 * np.abs(heads).max())
+    u = nha.pair_directions(nha.adapters.get_spec(small).detached())
+    torch.testing.assert_close(stats.direction_norms, u.norm(dim=-1), rtol=1e-12, atol=0)
+    y = small.encode_image(x).detach().numpy()                          # the model's own forward
+    np.testing.assert_allclose(stats.mean_embedding.numpy(), y.mean(0), rtol=0, atol=1e-10 * np.abs(y).max())
+
+
+@pytest.mark.parametrize("k", [5, 50])
+def test_top_deviations_match_bruteforce(small, data, k):
+    """k=5: the max and min lists are disjoint; k=50 of 70 images: they overlap and are deduplicated."""
+    s = data[1].pair_coefficients
+    st = collect(small, batches_of(data[0], 16), k=k, progress=False)
+    dev = (s - s.mean(0)).abs().permute(1, 2, 0)                        # (H, C, N)
+    order = dev.argsort(dim=-1, descending=True, stable=True)[..., :k]
+    top = st.top_deviations()
+    assert torch.equal(top.indices, order)
+    torch.testing.assert_close(top.deviations, dev.gather(-1, order), rtol=0, atol=1e-12)
+    torch.testing.assert_close(top.coefficients, s.permute(1, 2, 0).gather(-1, order), rtol=0, atol=0)
+    srt = s.permute(1, 2, 0).sort(dim=-1, descending=True).values
+    torch.testing.assert_close(st.top_max_values, srt[..., :k], rtol=0, atol=0)
+    torch.testing.assert_close(st.top_min_values, srt.flip(-1)[..., :k], rtol=0, atol=0)
+
+
+def test_neuron_pcs_match_svd_of_dense_contributions(data, stats):
+    nc = data[1].neuron_contributions().numpy()                         # (N, C, D) dense reference
+    centred = nc - nc.mean(0)
+    pcs = stats.neuron_pcs(3)
+    np.testing.assert_allclose(pcs.mean.numpy(), nc.mean(0), rtol=0, atol=1e-10 * np.abs(nc).max())
+    for n in range(0, nc.shape[1], 17):
+        _, sv, vt = np.linalg.svd(centred[:, n], full_matrices=False)
+        var = sv ** 2 / nc.shape[0]
+        np.testing.assert_allclose(pcs.variances[n].numpy(), var[:3], rtol=1e-8, atol=1e-12 * var[0])
+        np.testing.assert_allclose(pcs.total_variance[n].item(), var.sum(), rtol=1e-8)
+        for j in range(3):
+            if (var[j] - var[j + 1]) > 1e-6 * var[0]:                 # well-separated: direction unique up to sign
+                got = pcs.components[n, j].numpy()
+                assert abs(abs(got @ vt[j]) - 1) < 1e-8
+                assert got @ pcs.mean[n].numpy() >= 0                   # documented sign convention
+
+
+def test_pc0_sign_and_importance_follow_the_paper_recipe(small, data, stats):
+    """Centre dense pair contributions, top-50 by norm, first right singular vector, flip unless more than
+    25 project positively; importance = mean of the 50 largest centred norms."""
+    contrib = data[1]
+    dense = contrib.pair_contributions().permute(1, 2, 0, 3).reshape(-1, N_IMAGES, 32)   # (H*C, N, D)
+    sign, importance = stats.pc0_sign.reshape(-1), stats.importance.reshape(-1)
+    u = nha.pair_directions(nha.adapters.get_spec(small)).reshape(-1, 32)
+    checked = 0
+    for p in range(0, dense.shape[0], 7):
+        xc = dense[p] - dense[p].mean(0)
+        norms = xc.norm(dim=1)
+        top = xc[norms.argsort(descending=True)[:50]]
+        v = torch.linalg.svd(top, full_matrices=False).Vh[0]
+        if (top @ v > 0).sum() <= 25:
+            v = -v
+        torch.testing.assert_close(importance[p], norms.sort(descending=True).values[:50].mean(), rtol=1e-10, atol=0)
+        if int((top @ v > 0).sum()) == 25:                              # a tie: the paper's sign is arbitrary
+            continue
+        torch.testing.assert_close(v, sign[p] * u[p] / u[p].norm(), rtol=0, atol=1e-8)
+        checked += 1
+    assert checked > 150
+    assert 0 < int((sign == -1).sum()) < sign.numel()                 # both signs occur: the check bites
+
+
+def test_save_load_roundtrip_and_wrong_model(tmp_path, small, stats):
+    path = stats.save(tmp_path / "stats.safetensors", dataset="random images")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]    # no temporary file left
+    back = DatasetStats.load(path, model=small)
+    assert back.count == stats.count and back.meta["dataset"] == "random images"
+    for name, t in stats._tensors().items():
+        assert torch.equal(getattr(back, name), t), name
+    assert torch.equal(back.pc0_sign, stats.pc0_sign)
+    torch.testing.assert_close(back.neuron_pcs(2).components, stats.neuron_pcs(2).components, rtol=0, atol=0)
+    with pytest.raises(StatsMismatchError, match="another model"):
+        DatasetStats.load(path, model=make_small(seed=5))
+    with pytest.raises(RuntimeError, match="model=model"):
+        DatasetStats.load(path).neuron_pcs(1)
+    with pytest.raises(FileNotFoundError, match="nha stats"):
+        DatasetStats.load(tmp_path / "missing.safetensors")
+
+
+def test_merge_of_halves_equals_whole(small, data, stats):
+    x = data[0]
+    a = collect(small, batches_of(x[:30]), k=50, progress=False)
+    b = collect(small, [batch for batch in batches_of(x[30:])], k=50, progress=False)
+    # the second half's indices restart at 0 in its own stream: shift them to dataset positions
+    b.top_max_indices += 30
+    b.top_min_indices += 30
+    a.merge(b)
+    assert a.count == stats.count
+    torch.testing.assert_close(a.mean, stats.mean, rtol=0, atol=1e-15)
+    torch.testing.assert_close(a.neuron_comoment, stats.neuron_comoment, rtol=1e-10, atol=1e-20)
+    torch.testing.assert_close(a.head_comoment, stats.head_comoment, rtol=1e-10, atol=1e-20)
+    assert torch.equal(a.top_max_indices, stats.top_max_indices)
+    assert torch.equal(a.top_min_indices, stats.top_min_indices)
+
+
+class _Failing:
+    """A deterministic loader that raises after ``fail_after`` batches (a crash mid-run)."""
+
+    def __init__(self, batches, fail_after=None):
+        self.batches, self.fail_after = batches, fail_after
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, b in enumerate(self.batches):
+            if self.fail_after is not None and i == self.fail_after:
+                raise RuntimeError("simulated crash")
+            yield b
+
+
+def _assert_identical(a: DatasetStats, b: DatasetStats) -> None:
+    assert a.count == b.count
+    for name, t in a._tensors().items():
+        assert torch.equal(getattr(b, name), t), name
+
+
+def test_resume_after_crash_is_identical(tmp_path, small, data):
+    x = data[0]
+    batches = batches_of(x, 8)                                           # 9 batches
+    full = collect(small, batches, k=10, progress=False)
+    ckpt = tmp_path / "ckpt.safetensors"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        collect(small, _Failing(batches, fail_after=3), k=10, checkpoint=ckpt, checkpoint_every=2, progress=False)
+    partial = DatasetStats.load(ckpt)
+    assert partial.count == 16 and partial.meta["state"]["batches"] == 2   # checkpoint after batch 2, crash at 3
+    resumed = collect(small, batches, k=10, checkpoint=ckpt, checkpoint_every=2, resume=True, progress=False)
+    _assert_identical(full, resumed)
+    # a finished checkpoint resumes without touching the loader
+    again = collect(small, _Failing(batches, fail_after=0), k=10, checkpoint=ckpt, resume=True, progress=False)
+    _assert_identical(full, again)
+    # dataset mode
+    ds = TensorDataset(x)
+    full_ds = collect(small, ds, batch_size=8, k=10, progress=False)
+    _assert_identical(full, full_ds)
+
+    class Crashing(TensorDataset):
+        def __getitem__(self, i):
+            if i >= 40:
+                raise RuntimeError("simulated crash")
+            return super().__getitem__(i)
+
+    ckpt2 = tmp_path / "ckpt2.safetensors"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        collect(small, Crashing(x), batch_size=8, k=10, checkpoint=ckpt2, checkpoint_every=3, progress=False)
+    assert DatasetStats.load(ckpt2).count == 24
+    _assert_identical(full, collect(small, ds, batch_size=8, k=10, checkpoint=ckpt2, resume=True, progress=False))
+    with pytest.raises(StatsMismatchError, match="another run"):
+        collect(small, ds, batch_size=16, k=10, checkpoint=ckpt2, resume=True, progress=False)
+
+
+def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model = make_small()
+        x = images_for(64, batch=N_IMAGES, seed=3)
+        by_index = collect(model, TensorDataset(x), batch_size=8, k=10, progress=False)
+        by_stream = collect(model, batches_of(x, 8), k=10, progress=False)
+        if rank == 0:
+            by_index.save(Path(out_dir) / "index.safetensors")
+            by_stream.save(Path(out_dir) / "stream.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one(tmp_path, small, data):
+    ctx = mp.start_processes(_gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + 240
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-process gloo run did not finish in 240 s")
+    one = collect(small, batches_of(data[0], 8), k=10, progress=False)
+    for name in ("index", "stream"):
+        two = DatasetStats.load(tmp_path / f"{name}.safetensors")
+        assert two.count == one.count == N_IMAGES
+        for key, t in one._tensors().items():
+            got = getattr(two, key)
+            if t.dtype == torch.long:
+                assert torch.equal(got, t), (name, key)
+            else:
+                torch.testing.assert_close(got, t, rtol=1e-10, atol=1e-10 * float(t[t.isfinite()].abs().max()),
+                                           msg=f"{name} {key}")
+
+
+def test_input_errors(small, data):
+    with pytest.raises(ValueError, match="no images"):
+        collect(small, [], progress=False)
+    with pytest.raises(TypeError, match="map-style Dataset"):
+        collect(small, iter([data[0]]), batch_size=4, progress=False)
+    with pytest.raises(TypeError, match="preprocess"):
+        collect(small, [["not an image"]], progress=False)
+    st = DatasetStats.empty(nha.adapters.get_spec(small), k=3)
+    with pytest.raises(ValueError, match=r"\(B, 8, 256\)"):
+        st.update(torch.zeros(2, 8, 5), torch.arange(2))
+
+
+def test_cli_stats_on_a_folder(tmp_path):
+    from PIL import Image
+
+    from nha_plugin.applications import stats_cli
+    from nha_plugin.harness.datasets.scenes import SceneDataset
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    scenes = SceneDataset(5, seed=7300)
+    for i, sc in enumerate(scenes):
+        Image.fromarray(sc.image).save(folder / f"{i:02d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "folder.safetensors"
+    assert stats_cli.main(["stats", "--images", str(folder), "--out", str(out), "--batch-size", "2", "--quiet"]) == 0
+    model, preprocess, _ = nha.load_clip("scenes-rn")
+    st = DatasetStats.load(out, model=model)
+    x = torch.stack([preprocess(Image.open(folder / f"{i:02d}.png").convert("RGB")) for i in range(5)])
+    s = nha.decompose(model, x).pair_coefficients.double()
+    assert st.count == 5
+    torch.testing.assert_close(st.pair_mean, s.mean(0), rtol=0, atol=1e-6)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no image files"):
+        stats_cli.main(["stats", "--images", str(tmp_path / "empty"), "--out", str(out), "--quiet"])
