@@ -93,3 +93,20 @@ def test_bad_inputs_say_what_to_do():
         sparse_decompose(Y, torch.cat([A, torch.zeros(1, 16, dtype=A.dtype)]), k=3)
     with pytest.raises(ValueError, match="normalization"):
         prepare_dictionary(A, "axis1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linearly_dependent_atoms_get_zero_coefficients_not_blow_up(dtype):
+    """k above the dictionary's rank: once the span is exhausted every further atom is dependent. The fit must
+    stay the least-squares projection onto the span (lstsq, float64), not diverge (it gave NaN before)."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(500, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 64, generator=g, dtype=torch.float64)
+    A = A / A.norm(dim=1, keepdim=True)
+    Y = torch.randn(40, 64, generator=g, dtype=torch.float64)
+    best = (Y - torch.linalg.lstsq(A.T, Y.T).solution.T @ A).norm(dim=1)
+    codes = sparse_decompose(Y.to(dtype), A.to(dtype), k=32)
+    assert torch.isfinite(codes.coefficients).all()
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert (codes.residual_norms.double() - best).abs().max() < tol
+    assert ((codes.coefficients != 0).sum(dim=1) == 12).all()          # the rank: the rest are dependent
+    assert (codes.indices.sort(dim=1).values.diff(dim=1) > 0).all()     # still k distinct atoms

@@ -135,7 +135,7 @@ def text_directions(spec: AttentionPoolSpec, atoms: Tensor, k: int, *, rescale: 
     spec = spec.detached()
     u = pair_directions(spec)                                                  # (H, C, D)
     H, C, D = u.shape
-    # float64: float32 Cholesky updates diverge on near-dependent word atoms (seen on scenes-rn, k=64)
+    # float64: word atoms are nearly dependent at k=64 in D=128, where float32 coefficients lose digits
     codes = sparse_decompose(u.reshape(H * C, D), atoms, k=k, device=device, dtype=torch.float64,
                              progress=progress)
     approx = codes.reconstruct(atoms)

@@ -100,6 +100,7 @@ def _omp_chunk(Y: Tensor, A: Tensor, k: int, atom_sq: Tensor, screen: Optional[i
     R = Y
     gamma = alpha[:, :0]
     eps = torch.finfo(dt).eps
+    dependence_tol = eps ** 0.5
     for j in range(k):
         if screen is None:
             corr = torch.mm(R, A.T).abs_()
@@ -122,9 +123,14 @@ def _omp_chunk(Y: Tensor, A: Tensor, k: int, atom_sq: Tensor, screen: Optional[i
         else:
             v = torch.bmm(sel[:, :j], a_new[:, :, None])                               # (B, j, 1)
             w = torch.linalg.solve_triangular(L[:, :j, :j], v, upper=False)[..., 0]
-            diag = (atom_sq[new] - (w * w).sum(dim=1)).clamp_min(eps)
-            L[:, j, :j] = w
-            L[:, j, j] = diag.sqrt()
+            diag = atom_sq[new] - (w * w).sum(dim=1)
+            # An atom (numerically) inside the span of those already chosen would make the Cholesky factor
+            # singular and the coefficients explode (scikit-learn stops early there). Keep it in the support
+            # with coefficient 0 instead: its row is decoupled from the others and its right-hand side is 0.
+            dependent = ~(diag > dependence_tol * atom_sq[new])
+            L[:, j, :j] = w.masked_fill(dependent[:, None], 0.0)
+            L[:, j, j] = torch.where(dependent, torch.ones_like(diag), diag.clamp_min(eps).sqrt())
+            alpha[:, j] = alpha[:, j].masked_fill(dependent, 0.0)
         gamma = torch.cholesky_solve(alpha[:, :j + 1, None], L[:, :j + 1, :j + 1], upper=False)   # (B, j+1, 1)
         R = Y - torch.bmm(gamma.transpose(1, 2), sel[:, :j + 1])[:, 0]
         gamma = gamma[..., 0]
@@ -139,8 +145,9 @@ def sparse_decompose(targets: Tensor, dictionary: Tensor, k: int = 64, *, chunk_
     Matches ``sklearn.linear_model.orthogonal_mp(dictionary.T, targets.T, n_nonzero_coefs=k)`` (same
     supports, same coefficients to float tolerance) when the atoms are unit-norm (see
     :func:`prepare_dictionary`), except that scikit-learn stops early on a target it already fits exactly,
-    or whose next atom is numerically dependent on the selected ones (a float32 effect), where this always
-    returns ``k`` distinct atoms (the extra coefficients are then ~0).
+    or whose next atom is numerically dependent on the selected ones (its part orthogonal to their span below
+    sqrt(eps) of its squared norm), where this always returns ``k`` distinct atoms: the extra coefficients are
+    ~0, and a dependent atom's coefficient is exactly 0 (so k above the dictionary's rank cannot blow up).
 
     Args:
         targets: (B, D) or (D,) directions to describe (e.g. pair directions u[h, n]).
