@@ -26,6 +26,10 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/decomposition_speed.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/omp_speed.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/harness_benchmark.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/stats_throughput.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/vit_decomposition_speed.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/segmentation_scenes.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/shift_scenes.py
 
 clean:
 	rm -rf $(VENV) demo_out

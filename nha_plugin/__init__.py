@@ -5,8 +5,10 @@ open_clip users.
     model, preprocess, tokenizer = nha.load_clip("scenes-rn")
     contrib = nha.decompose(model, images)               # nha.Contributions
     nad = nha.NeuronHeadAttribution(nha.harness.ZeroShotClassifier(model, tokenizer, classes))
+    stats = nha.stats.collect(model, dataset, batch_size=32)   # streaming, torchrun-aware dataset statistics
+    parts = nha.vit.decompose(vit_model, images)          # CLIP-ViT: layers x heads x tokens, MLPs (exact)
 """
-from . import adapters, harness, text
+from . import adapters, applications, harness, stats, text, vit
 from .attribution import NeuronHeadAttribution, lift_to_input
 from .decomposition import Contributions, decompose_features, pair_directions
 from .models import PretrainedUnavailableError, decompose, load_clip
@@ -17,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "load_clip", "decompose", "decompose_features", "Contributions", "NeuronHeadAttribution", "lift_to_input",
     "AttentionPoolSpec", "UnsupportedModelError", "PretrainedUnavailableError", "pair_directions",
-    "adapters", "harness", "text",
+    "adapters", "applications", "harness", "stats", "text", "vit",
 ]

@@ -161,6 +161,14 @@ def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed:
     return summary
 
 
+def _command_modules():
+    """Modules that add subcommands: each has ``add_parser(subparsers)`` and ``run(args) -> int``."""
+    from .applications import segment_cli, shift_cli, stats_cli
+    from .harness import cli as harness_cli
+    from .text import cli as text_cli
+    return [text_cli, harness_cli, stats_cli, segment_cli, shift_cli]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="nha", description="Neuron x head decomposition of CLIP-ResNet")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,15 +178,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=12345, help="scene seed (held out from training)")
     p.add_argument("--out", default="demo_out", help="output folder for the PNG and JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    from .harness import cli as harness_cli
-    from .text import cli as text_cli
-    text_cli.add_parser(sub)
-    harness_cli.add_parser(sub)
+    runners = {}
+    for module in _command_modules():
+        before = set(sub.choices)
+        module.add_parser(sub)
+        runners.update({name: module.run for name in set(sub.choices) - before})
     args = parser.parse_args(argv)
-    if args.command == "describe":
-        return text_cli.run(args)
-    if args.command == "benchmark":
-        return harness_cli.run(args)
+    if args.command in runners:
+        return runners[args.command](args)
     if args.command == "demo":
         if args.n < 1:
             parser.error("--n must be at least 1")

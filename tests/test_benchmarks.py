@@ -20,3 +20,19 @@ def test_decomposition_speed_quick(capsys):
     row = bench.bench_model("tiny", "cpu", bench.DTYPES["fp32"], batch=2, dense_batch=1, repeats=1)
     assert row["bytes_per_image_decomposition"] == 8 * 512 * 4
     assert row["bytes_per_image_dense"] == 8 * 512 * 64 * 4
+
+
+def test_vit_decomposition_speed_quick(capsys):
+    bench = _load("vit_decomposition_speed")
+    assert bench.main(["--quick", "--repeats", "1", "--device", "cpu"]) == 0
+    assert "tiny" in capsys.readouterr().out
+
+
+def test_stats_throughput_quick(tmp_path):
+    # a subprocess: the script spawns worker processes, which must import it by its file path
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stats_throughput.py"), "--quick",
+                          "--out", str(tmp_path / "st")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ratio" in run.stdout
