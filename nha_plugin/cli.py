@@ -163,10 +163,10 @@ def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed:
 
 def _command_modules():
     """Modules that add subcommands: each has ``add_parser(subparsers)`` and ``run(args) -> int``."""
-    from .applications import segment_cli, shift_cli, stats_cli
+    from .applications import segment_cli, shift_cli, stats_cli, vit_cli
     from .harness import cli as harness_cli
     from .text import cli as text_cli
-    return [text_cli, harness_cli, stats_cli, segment_cli, shift_cli]
+    return [text_cli, harness_cli, stats_cli, segment_cli, shift_cli, vit_cli]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -119,6 +119,7 @@ def get_method(name: Union[str, Method]) -> Method:
 
 
 def _load_optional() -> None:
+    from . import vit_methods  # noqa: F401  registers the CLIP-ViT methods
     try:
         from . import lrp  # noqa: F401  registers "lrp_zennit" when zennit is installed
     except ImportError:

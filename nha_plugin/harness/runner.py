@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .methods import (CAPTUM_SETTINGS, DEFAULT_METHODS, STAGES, available_methods, explain, get_method,
-                      randomised_copy)
+from .methods import CAPTUM_SETTINGS, DEFAULT_METHODS, available_methods, explain, get_method
 
 __all__ = ["BenchmarkConfig", "BenchItem", "run_benchmark", "load_benchmark_data", "DEFAULT_METRICS", "QUICK"]
 
@@ -188,11 +187,12 @@ def run_benchmark(cfg: BenchmarkConfig, forward=None, items: Optional[List[Bench
         logits = torch.cat([forward(x_all[i:i + 16]) for i in range(0, len(items), 16)])
     accuracy = float((logits.argmax(-1) == target_all).float().mean())
 
-    methods = [m for m in cfg.methods if m in available_methods() or _warn_missing(m)]
+    from .vit_methods import methods_for, randomised_copies
+    methods = [m for m in methods_for(forward.model, cfg.methods) if m in available_methods() or _warn_missing(m)]
     want = set(cfg.metrics)
     randomised = []
     if "randomisation" in want:
-        randomised = [randomised_copy(forward, STAGES.index(s) + 1, seed=cfg.seed) for s in cfg.randomisation_stages]
+        randomised = randomised_copies(forward, cfg.randomisation_stages, seed=cfg.seed)
     batches = [list(range(i, min(i + cfg.batch_size, len(items)))) for i in range(0, len(items), cfg.batch_size)]
     saved_settings = dict(CAPTUM_SETTINGS)
     CAPTUM_SETTINGS.update(ig_steps=cfg.ig_steps, gradshap_samples=cfg.gradshap_samples,
