@@ -116,7 +116,7 @@ def vit_class_attention(forward, images, target):
     return a.reshape(a.shape[0], *c.spec.grid)
 
 
-@register_method("vit_maskclip", family="clip", needs_grad=False,
+@register_method("vit_maskclip", family="vit", needs_grad=False,
                  description="MaskCLIP for ViT: the last block's value path per token, no q/k attention, no "
                              "residual or MLP: proj(ln_post(W_o (W_v ln_1(x_i) + b_v) + b_o)); cosine of each patch "
                              "with the target column")
@@ -223,9 +223,6 @@ def run_side_by_side(configs: "dict[str, object]", out: str, forwards: "dict[str
                                                                                       cfg.path)[1])
         cfg = dataclasses.replace(cfg, out=str(Path(out) / label),
                                   methods=tuple(methods_for(forward.model, cfg.methods)))
-        if is_vit(forward.model) and not hasattr(runner, "randomised_copies"):
-            # this runner builds ResNet-only randomised copies; skip the check rather than crash
-            cfg = dataclasses.replace(cfg, randomisation_stages=())
         results[label] = runner.run_benchmark(cfg, forward=forward, items=items, classes=classes)
     merged = merge_results(results)
     Path(out).mkdir(parents=True, exist_ok=True)
