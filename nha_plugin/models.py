@@ -1,7 +1,8 @@
 """One door in: :func:`load_clip` for models and :func:`decompose` for images.
 
 ``load_clip`` reads open_clip names and tags, ``hf-hub:`` / ``local-dir:`` names, the bundled
-``scenes-rn`` model, and local weight files (safetensors, state dicts, OpenAI TorchScript archives).
+``scenes-rn`` (CLIP-ResNet) and ``scenes-vit`` (CLIP-ViT) models, and local weight files (safetensors, state
+dicts, OpenAI TorchScript archives).
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ from torch import Tensor, nn
 from .adapters import get_spec
 from .decomposition import Contributions, decompose_features
 from .spec import AttentionPoolSpec
+from .zoo._zoo import MODELS
 
 __all__ = ["load_clip", "decompose", "validate_images", "read_state_dict", "PretrainedUnavailableError",
            "PRECISIONS"]
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-BUNDLED = ("scenes-rn",)
+BUNDLED = MODELS  # the planted-concept models shipped in nha_plugin/zoo: "scenes-rn", "scenes-vit" (offline)
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
@@ -185,7 +187,8 @@ def load_clip(name: str = "scenes-rn", pretrained: Optional[str] = None, *, devi
     """Load a CLIP model with its preprocess and tokenizer: ``(model, preprocess, tokenizer)``.
 
     Args:
-        name: ``"scenes-rn"`` (bundled, offline), an open_clip architecture (``"RN50"``, ``"RN50x16"``),
+        name: ``"scenes-rn"`` or ``"scenes-vit"`` (bundled planted-concept CLIP-ResNet / CLIP-ViT, offline;
+            ``pretrained`` is ignored), an open_clip architecture (``"RN50"``, ``"RN50x16"``),
             ``"hf-hub:org/repo"``, ``"local-dir:/path"``, or a path to an OpenAI TorchScript archive /
             state dict (architecture read from the weights).
         pretrained: an open_clip tag (``"openai"``, ``"yfcc15m"``), or a local weights file (safetensors,
@@ -196,8 +199,8 @@ def load_clip(name: str = "scenes-rn", pretrained: Optional[str] = None, *, devi
     import open_clip
 
     if name in BUNDLED:
-        from .zoo._scenes_rn import load_scenes_rn
-        model, preprocess, tokenizer = load_scenes_rn()
+        from .zoo._zoo import load_zoo_model
+        model, preprocess, tokenizer = load_zoo_model(name)
         return _finish(model, device, precision), preprocess, tokenizer
 
     path_name = Path(name) if not name.startswith(("hf-hub:", "local-dir:")) else None
@@ -230,7 +233,8 @@ def load_clip(name: str = "scenes-rn", pretrained: Optional[str] = None, *, devi
                 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
         except RuntimeError as err:
             if "Unknown model" in str(err) or "not found" in str(err).lower() and pretrained is None:
-                raise ValueError(f"unknown model {name!r}; see open_clip.list_models() or use 'scenes-rn'") from err
+                raise ValueError(f"unknown model {name!r}; see open_clip.list_models() or use one of the "
+                                 f"bundled models {BUNDLED}") from err
             raise PretrainedUnavailableError(_download_hint(name, pretrained)) from err
         except (OSError, ValueError) as err:
             if pretrained is None and not name.startswith("hf-hub:"):

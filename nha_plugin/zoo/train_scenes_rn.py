@@ -1,4 +1,4 @@
-"""Train the bundled ``scenes-rn`` CLIP-ResNet contrastively on generated scenes (seeded, resumable).
+"""Train a bundled planted-concept CLIP (``scenes-rn``, ``scenes-vit``) contrastively on generated scenes (seeded, resumable).
 
 Batch ``s`` holds scenes ``(seed, s * batch_size + b)`` of :mod:`nha_plugin.harness.datasets.scenes` and
 one caption per scene drawn with ``default_rng((seed, 1, s))``, so a run is a pure function of its
@@ -6,9 +6,14 @@ arguments, and a resumed run sees exactly the batches an uninterrupted one would
 several scenes of a batch ("a red object"); the loss therefore treats every caption whose facts hold
 for a scene as a positive of that scene (a multi-positive CLIP loss, both directions).
 
+The architecture comes from the model's JSON config (``--model`` or ``--config``): a CLIP-ResNet or a
+CLIP-ViT. Training options the config does not set in ``"nha": {"train": {...}}`` take the ``scenes-rn``
+defaults, so ``scenes-rn`` trains exactly as before.
+
 Usage:
     python -m nha_plugin.zoo.train_scenes_rn --steps 3000 --checkpoint /tmp/scenes_rn.pt
     python -m nha_plugin.zoo.train_scenes_rn --evaluate-only          # score the bundled weights
+    python -m nha_plugin.zoo.train_scenes_rn --model scenes-vit       # = python -m nha_plugin.zoo.train_scenes_vit
 
 The held-out evaluation (:func:`evaluate`) uses seeds never used in training (``EVAL_SEED`` and up).
 """
@@ -30,13 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from nha_plugin.harness.datasets import scenes as S
-from nha_plugin.zoo._scenes_rn import (
-    ZOO_DIR,
-    build_scenes_rn,
-    images_to_tensor,
-    load_scenes_rn,
-    scenes_rn_config,
-)
+from nha_plugin.zoo._zoo import MODELS, build_model, images_to_tensor, load_zoo_model, weights_path, zoo_config
 
 TRAIN_SEED = 0
 EVAL_SEED = 1000  # held-out: evaluation uses EVAL_SEED, EVAL_SEED + 1, EVAL_SEED + 2
@@ -74,12 +73,13 @@ def _eval_sets(n: int, seed: int):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, n: int = 300, seed: int = EVAL_SEED, batch_size: int = 100,
-             device: Optional[torch.device] = None) -> Dict[str, object]:
+             device: Optional[torch.device] = None, config: Optional[dict] = None) -> Dict[str, object]:
     """Zero-shot accuracy on freshly generated held-out scenes.
 
     Tasks: ``colour`` of the single shape of 1-object scenes (6 classes), ``name``: shape or photo
     category of the single object of 1-object scenes (5 shapes + 5 categories = 10 classes), and
-    ``background`` of scenes with 1-3 objects (6 classes). Each task has ``n`` scenes.
+    ``background`` of scenes with 1-3 objects (6 classes). Each task has ``n`` scenes; ``config`` (the
+    model's) supplies the preprocessing mean/std.
 
     Returns:
         ``{"colour": acc, "name": acc, "background": acc, "n": n, "seed": seed, "prompts": {...}}``.
@@ -94,7 +94,7 @@ def evaluate(model, tokenizer, n: int = 300, seed: int = EVAL_SEED, batch_size: 
         correct = 0
         for start in range(0, n, batch_size):
             batch = [ds[i] for i in range(start, min(n, start + batch_size))]
-            x = images_to_tensor(np.stack([sc.image for sc in batch])).to(device)
+            x = images_to_tensor(np.stack([sc.image for sc in batch]), config).to(device)
             img = F.normalize(model.encode_image(x), dim=-1)
             pred = (img @ text.T).argmax(-1).cpu()
             correct += int((pred == torch.tensor([label_of(sc) for sc in batch])).sum())
@@ -124,8 +124,10 @@ def _shape_caption(obj: S.SceneObject, rng: np.random.Generator):
     return S._single_caption(phrase, str(rng.choice(S._SINGLE_TEMPLATES))), ((constraint,), None)
 
 
-def make_batch(step: int, batch_size: int, seed: int, tokenizer, twins: float = 0.5, shape_captions: float = 0.5):
-    """Images (B, 3, 224, 224), tokens (B, L) and the (B, B) positives matrix of training step ``step``.
+def make_batch(step: int, batch_size: int, seed: int, tokenizer, twins: float = 0.5, shape_captions: float = 0.5,
+               config: Optional[dict] = None):
+    """Images (B, 3, 224, 224), tokens (B, L) and the (B, B) positives matrix of training step ``step``
+    (images normalised with the mean/std of ``config``, the model's).
 
     Colour, category and background separate most captions of a random batch, which starves the shape
     signal; so a share ``twins`` of the batch comes in pairs that differ only in one shape (same layout,
@@ -153,7 +155,7 @@ def make_batch(step: int, batch_size: int, seed: int, tokenizer, twins: float = 
             caps.append(S.sample_caption(scene, rng))
             b += 1
     positives = torch.tensor([[S.facts_hold(facts, sc) for _, facts in caps] for sc in scenes])
-    x = images_to_tensor(np.stack([sc.image for sc in scenes]))
+    x = images_to_tensor(np.stack([sc.image for sc in scenes]), config)
     return x, tokenizer([t for t, _ in caps]), positives
 
 
@@ -182,27 +184,51 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+# the training options a config may set in "nha": {"train": {...}}; the values here are scenes-rn's
+TRAIN_DEFAULTS: Dict[str, object] = {"steps": 3000, "batch_size": 64, "lr": 2e-3, "warmup": 100,
+                                     "weight_decay": 0.05, "twins": 0.5, "shape_captions": 0.5, "eval_every": 250}
+
+
+def _config_of(args: argparse.Namespace) -> dict:
+    return zoo_config(args.config if args.config is not None else args.model)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nha_plugin.zoo.train_scenes_rn", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (cosine schedule length)")
+    """Parse the command line; options left unset take the config's ``nha.train`` values, then
+    :data:`TRAIN_DEFAULTS`, and ``--out`` / ``--checkpoint`` default to the model's own files."""
+    # the model decides the defaults of the other options, so it is read first (without --help)
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--model", default="scenes-rn", choices=MODELS, help="which bundled model to train")
+    which.add_argument("--config", type=Path, default=None,
+                       help="model config to use instead of the bundled <model>.json")
+    known, _ = which.parse_known_args(argv)
+    p = argparse.ArgumentParser(prog="python -m nha_plugin.zoo.train_scenes_rn", parents=[which],
+                                description=__doc__.split("\n\n")[0])
+    cfg = _config_of(known)
+    defaults = {**TRAIN_DEFAULTS, **{k: v for k, v in cfg.get("nha", {}).get("train", {}).items()
+                                     if k in TRAIN_DEFAULTS}}
+    stem = weights_path(cfg, known.model).stem
+    p.add_argument("--steps", type=int, default=defaults["steps"],
+                   help="optimizer steps (cosine schedule length; default %(default)s)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step (checkpoint written); resume later, possibly with other options")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--twins", type=float, default=0.5, help="share of scenes drawn as shape-twin pairs")
-    p.add_argument("--shape-captions", type=float, default=0.5, help="probability a twin is captioned by its shape")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    p.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=defaults["warmup"], help="linear warm-up steps (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"])
+    p.add_argument("--twins", type=float, default=defaults["twins"],
+                   help="share of scenes drawn as shape-twin pairs (default %(default)s)")
+    p.add_argument("--shape-captions", type=float, default=defaults["shape_captions"],
+                   help="probability a twin is captioned by its shape (default %(default)s)")
     p.add_argument("--seed", type=int, default=TRAIN_SEED, help="training seed (data and init)")
     p.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="held-out seed; must differ from --seed")
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=defaults["eval_every"])
     p.add_argument("--eval-n", type=int, default=300, help="held-out scenes per task")
-    p.add_argument("--checkpoint", type=Path, default=Path("scenes_rn_checkpoint.pt"),
+    p.add_argument("--checkpoint", type=Path, default=Path(f"{stem.replace('-', '_')}_checkpoint.pt"),
                    help="resumable checkpoint (model, optimizer, step); resumed from when it exists")
     p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--out", type=Path, default=ZOO_DIR / "scenes-rn.safetensors",
+    p.add_argument("--out", type=Path, default=weights_path(cfg, known.model),
                    help="safetensors written at the end (the checkpoint with the best held-out score)")
-    p.add_argument("--config", type=Path, default=None, help="model config (default: the bundled scenes-rn.json)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--evaluate-only", action="store_true", help="only evaluate --out (default: bundled weights)")
@@ -217,22 +243,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                           ("cpu" if args.device == "auto" else args.device))
     if args.eval_seed == args.seed:
         raise ValueError(f"--eval-seed must differ from the training --seed; got {args.eval_seed} for both")
+    cfg = _config_of(args)
     if args.evaluate_only:
-        model, _, tokenizer = load_scenes_rn(device, weights=args.out if args.out.exists() else None)
-        result = evaluate(model, tokenizer, n=args.eval_n, seed=args.eval_seed, device=device)
+        model, _, tokenizer = load_zoo_model(args.model, device, weights=args.out if args.out.exists() else None,
+                                             config=cfg)
+        result = evaluate(model, tokenizer, n=args.eval_n, seed=args.eval_seed, device=device, config=cfg)
         print(json.dumps(result))
         return result
 
     import open_clip
     from tqdm import tqdm
 
-    cfg = scenes_rn_config(args.config)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
     torch.manual_seed(args.seed)
-    model = build_scenes_rn(cfg)
+    model = build_model(cfg)
     # open_clip zero-initialises the last BN of every residual branch, which suits deep nets; with one block
     # per stage it left the 3x3 branches (the only spatial context beyond the stem) near zero for
-    # hundreds of steps and shapes were not learned, so the branches start switched on.
+    # hundreds of steps and shapes were not learned, so the branches start switched on. (A ViT has no such
+    # switch: open_clip leaves its residual output projections at PyTorch's default random initialisation.)
     for name, module in model.visual.named_modules():
         if name.endswith(".bn3"):
             torch.nn.init.ones_(module.weight)
@@ -255,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     def eval_and_keep_best(step: int) -> None:
         nonlocal best
-        result = evaluate(model, tokenizer, n=args.eval_n, seed=args.eval_seed, device=device)
+        result = evaluate(model, tokenizer, n=args.eval_n, seed=args.eval_seed, device=device, config=cfg)
         result["step"] = step
         history.append({k: v for k, v in result.items() if k != "prompts"})
         score = min(result["colour"] / 0.9, result["name"] / 0.9, result["background"] / 0.8)
@@ -273,7 +301,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     while step < last:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, args.steps, args.lr, args.warmup)
-        x, tokens, positives = make_batch(step, args.batch_size, args.seed, tokenizer, args.twins, args.shape_captions)
+        x, tokens, positives = make_batch(step, args.batch_size, args.seed, tokenizer, args.twins, args.shape_captions,
+                                          cfg)
         img, txt, scale = model(x.to(device), tokens.to(device))
         loss = multi_positive_clip_loss(img, txt, scale, positives.to(device))
         opt.zero_grad(set_to_none=True)
