@@ -163,14 +163,14 @@ def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed:
 
 def _command_modules():
     """Modules that add subcommands: each has ``add_parser(subparsers)`` and ``run(args) -> int``."""
-    from .applications import segment_cli, shift_cli, stats_cli, vit_cli
+    from .applications import second_order_cli, segment_cli, shift_cli, stats_cli, vit_cli
     from .harness import cli as harness_cli
     from .text import cli as text_cli
-    return [text_cli, harness_cli, stats_cli, segment_cli, shift_cli, vit_cli]
+    return [text_cli, harness_cli, stats_cli, segment_cli, shift_cli, vit_cli, second_order_cli]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="nha", description="Neuron x head decomposition of CLIP-ResNet")
+    parser = argparse.ArgumentParser(prog="nha", description="Exact decompositions of CLIP image encoders: neuron x head (ResNet), layer x head x token and second-order neurons (ViT)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="decompose a few images with the bundled model; print and plot")
     p.add_argument("--model", default="scenes-rn", help="scenes-rn (bundled) or an open_clip name, e.g. RN50")
