@@ -2,12 +2,15 @@
 ViT decomposition's spatial map, TextSpan-style map, ViT MaskCLIP, class attention) on the same held-out scenes,
 the same targets, the same runner and metrics.
 
-    python benchmarks/harness_side_by_side.py                 # 16 held-out scenes -> benchmarks/results/harness_side_by_side.{json,md}
-    python benchmarks/harness_side_by_side.py --n 4 --out /tmp/sbs
+    python benchmarks/harness_side_by_side.py                 # 16 held-out scenes; full run in benchmark_out/side_by_side,
+                                                              # the merged table in benchmarks/results/harness_side_by_side.{json,md}
+    python benchmarks/harness_side_by_side.py --n 4 --out /tmp/sbs --results /tmp/sbs
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +24,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=16, help="held-out scenes (same for both models)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "harness_side_by_side"))
+    p.add_argument("--out", default=str(ROOT / "benchmark_out" / "side_by_side"), help="full run (maps, records)")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the merged table goes")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     metrics = ("pointing_game", "mass_in_mask", "segmentation", "deletion_insertion", "randomisation",
@@ -34,6 +38,14 @@ def main(argv=None) -> int:
             "vit_spatial", "textspan_vit", "vit_maskclip", "vit_class_attention", "saliency", "centre"), **common),
     }, args.out)
     print(table(merged))
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    for suffix in (".json", ".md"):
+        tmp = results / f"harness_side_by_side{suffix}.tmp"
+        shutil.copyfile(Path(args.out) / f"side_by_side{suffix}", tmp)
+        os.replace(tmp, results / f"harness_side_by_side{suffix}")
+    for label in ("scenes-rn", "scenes-vit"):
+        shutil.copyfile(Path(args.out) / label / "heatmaps.png", results / f"harness_side_by_side_{label}_heatmaps.png")
     return 0
 
 
