@@ -51,9 +51,10 @@ def _time(fn, device: str, repeats: int) -> float:
     return statistics.median(runs)
 
 
-def build(name: str, device: str, dtype: torch.dtype):
+def build(name: str, device: str, dtype: torch.dtype, tiny: dict = TINY):
+    """The random-init image tower of open_clip model ``name`` (``"tiny"``: the config ``tiny``), in eval mode."""
     if name == "tiny":
-        model = open_clip.model.CLIP(**TINY)
+        model = open_clip.model.CLIP(**tiny)
     else:
         model = open_clip.create_model(name, pretrained=None)
     return model.visual.to(device=device, dtype=dtype).eval()
@@ -127,15 +128,56 @@ def _pool_memory_worker(name: str, batch: int, queue) -> None:
                "dense_layout_mib": batch * H * C * D * 4 / 2 ** 20})
 
 
-def pool_memory(name: str, batch: int) -> dict:
+def in_fresh_process(worker, *args) -> dict:
+    """Run ``worker(*args, queue)`` in a spawned process (so its peak RSS is its own) and return what it puts
+    on the queue."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_pool_memory_worker, args=(name, batch, queue))
+    proc = ctx.Process(target=worker, args=(*args, queue))
     proc.start()
     result = queue.get()
     proc.join()
     return result
+
+
+def pool_memory(name: str, batch: int) -> dict:
+    return in_fresh_process(_pool_memory_worker, name, batch)
+
+
+def add_device_arguments(p: argparse.ArgumentParser, dtypes: dict) -> None:
+    """--device, --dtype (one of ``dtypes``) and --batch, resolved by :func:`device_settings`."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(dtypes), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch", type=int, default=None, help="default: 64 on CUDA, 4 on CPU")
+
+
+def device_settings(args: argparse.Namespace, dtypes: dict):
+    """``(cuda, dtype, batch)`` from the arguments of :func:`add_device_arguments`; None, said on stderr, when
+    CUDA is asked for but not available."""
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("CUDA requested but not available; use --device cpu", file=sys.stderr)
+        return None
+    return cuda, dtypes[args.dtype or ("bf16" if cuda else "fp32")], args.batch or (64 if cuda else 4)
+
+
+def machine_meta(device: str, dtype: torch.dtype, cuda: bool) -> dict:
+    """Where and when a run happened: device, dtype, torch version, hardware, threads, UTC time."""
+    return {"device": device, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+            "hardware": torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} "
+            f"({os.cpu_count()} cpus)", "threads": torch.get_num_threads(),
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def write_results(out: str, stem: str, meta: dict, rows: list[dict], text: str) -> None:
+    """``out/stem.json`` ({"meta", "rows"}) and ``out/stem.md`` (``text``), each written atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, payload in ((".json", json.dumps({"meta": meta, "rows": rows}, indent=2)), (".md", text)):
+        tmp = out / (stem + suffix + ".tmp")
+        tmp.write_text(payload)
+        os.replace(tmp, out / (stem + suffix))
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -164,26 +206,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["RN50", "RN50x16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--batch", type=int, default=None, help="default: 64 on CUDA, 4 on CPU")
+    add_device_arguments(p, DTYPES)
     p.add_argument("--dense-batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny model only, for a smoke run")
     p.add_argument("--memory", nargs="*", default=["RN50x64"], help="attention-pool memory probe (batch 8)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        print("CUDA requested but not available; use --device cpu", file=sys.stderr)
+    settings = device_settings(args, DTYPES)
+    if settings is None:
         return 2
-    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
-    batch = args.batch or (64 if cuda else 4)
+    cuda, dtype, batch = settings
     models = ["tiny"] if args.quick else args.models
-    meta = {"device": args.device, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
-            "hardware": torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} "
-            f"({os.cpu_count()} cpus)", "threads": torch.get_num_threads(),
-            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    meta = machine_meta(args.device, dtype, cuda)
     rows = []
     for name in models:
         row = bench_model(name, args.device, dtype, batch, min(args.dense_batch, batch), args.repeats)
@@ -197,13 +232,7 @@ def main(argv=None) -> int:
     text = markdown(rows, meta)
     print(text)
     if not args.quick:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"decomposition_speed_{'cuda' if cuda else 'cpu'}"
-        for suffix, payload in ((".json", json.dumps({"meta": meta, "rows": rows}, indent=2)), (".md", text)):
-            tmp = out / (stem + suffix + ".tmp")
-            tmp.write_text(payload)
-            os.replace(tmp, out / (stem + suffix))
+        write_results(args.out, f"decomposition_speed_{'cuda' if cuda else 'cpu'}", meta, rows, text)
     return 0
 
 

@@ -16,9 +16,7 @@ Models are random-init (speed does not depend on the weights); nothing is downlo
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,14 +28,14 @@ import torch
 from nha_plugin import vit
 from nha_plugin.vit.decomposition import LEVELS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+# the benchmarks are scripts, not a package: the CLIP-ResNet benchmark beside this file holds the shared harness
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import decomposition_speed as rn_speed  # noqa: E402
+from decomposition_speed import _sync  # noqa: E402
+
+DTYPES = {**rn_speed.DTYPES, "fp64": torch.float64}
 TINY = dict(embed_dim=32, vision_cfg=dict(layers=3, width=64, head_width=16, patch_size=16, image_size=64),
             text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _time_interleaved(fns: list, device: str, repeats: int) -> list[float]:
@@ -56,8 +54,7 @@ def _time_interleaved(fns: list, device: str, repeats: int) -> list[float]:
 
 
 def build(name: str, device: str, dtype: torch.dtype):
-    model = open_clip.model.CLIP(**TINY) if name == "tiny" else open_clip.create_model(name, pretrained=None)
-    return model.visual.to(device=device, dtype=dtype).eval()
+    return rn_speed.build(name, device, dtype, tiny=TINY)
 
 
 def bench_model(name: str, device: str, dtype: torch.dtype, batch: int, repeats: int) -> dict:
@@ -128,14 +125,7 @@ def _memory_worker(name: str, batch: int, queue) -> None:
 
 
 def memory_probe(name: str, batch: int) -> dict:
-    import multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_worker, args=(name, batch, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return rn_speed.in_fresh_process(_memory_worker, name, batch)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -170,9 +160,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--batch", type=int, default=None, help="default: 64 on CUDA, 4 on CPU")
+    rn_speed.add_device_arguments(p, DTYPES)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory", nargs="*", default=["ViT-H-14"], help="peak-memory probe at batch 1 (none: skip)")
     p.add_argument("--quick", action="store_true", help="tiny model only, no files written (smoke run)")
@@ -180,18 +168,13 @@ def main(argv=None) -> int:
                    "processes): absolute img/s are low and noisy; the ratio, measured side by side, is the figure.")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        print("CUDA requested but not available; use --device cpu", file=sys.stderr)
+    settings = rn_speed.device_settings(args, DTYPES)
+    if settings is None:
         return 2
-    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
-    batch = args.batch or (64 if cuda else 4)
+    cuda, dtype, batch = settings
     models = ["tiny"] if args.quick else args.models
-    meta = {"device": args.device, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
-            "hardware": torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} "
-            f"({os.cpu_count()} cpus)", "threads": torch.get_num_threads(),
-            "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg()),
-            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "note": args.note,
+    meta = {**rn_speed.machine_meta(args.device, dtype, cuda),
+            "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg()), "note": args.note,
             "repeats": args.repeats, "command": " ".join(["python", "benchmarks/vit_decomposition_speed.py",
                                                           *(argv if argv is not None else sys.argv[1:])])}
     rows = []
@@ -206,13 +189,7 @@ def main(argv=None) -> int:
     text = markdown(rows, meta)
     print(text)
     if not args.quick:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"vit_decomposition_speed_{'cuda' if cuda else 'cpu'}"
-        for suffix, payload in ((".json", json.dumps({"meta": meta, "rows": rows}, indent=2)), (".md", text)):
-            tmp = out / (stem + suffix + ".tmp")
-            tmp.write_text(payload)
-            os.replace(tmp, out / (stem + suffix))
+        rn_speed.write_results(args.out, f"vit_decomposition_speed_{'cuda' if cuda else 'cpu'}", meta, rows, text)
     return 0
 
 

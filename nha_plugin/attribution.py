@@ -38,6 +38,91 @@ def lift_to_input(attribution: Tensor, inputs: Tensor) -> Tensor:
     return up.expand(B, C, H, W) / (C * (H // h) * (W // w))
 
 
+def _readout_from(forward_func: Callable, readout: Optional[Tensor], model: Optional[nn.Module],
+                  logit_scale: Optional[float], normalize: Optional[bool], *, spec_of: Callable[[nn.Module], Any],
+                  who: str, family: str) -> tuple:
+    """The linear read-out an attribution explains: explicit arguments first, else ``forward_func``'s attributes.
+
+    Args:
+        forward_func: the read-out module (``readout``/``logit_scale``/``normalize``/``model`` attributes) or any
+            callable given together with explicit ``readout`` and ``model``.
+        readout: (D, K) read-out matrix or None; model: the CLIP model or None.
+        logit_scale, normalize: overrides of the read-out's scale (default 1.0) and cosine normalisation (False).
+        spec_of: builds the model's spec (``get_spec`` / ``vit_spec``); its ``output_dim`` is D.
+        who, family: the attribution class and the model family named in errors.
+
+    Returns:
+        ``(spec, readout (D, K), logit_scale: float, normalize: bool)``.
+    """
+    model = model if model is not None else getattr(forward_func, "model", None)
+    readout = readout if readout is not None else getattr(forward_func, "readout", None)
+    if model is None or readout is None:
+        raise TypeError(
+            f"{who} needs a linear read-out of a {family} embedding: pass "
+            "nha_plugin.harness.ZeroShotClassifier / TextSimilarity as forward_func, or give readout=(D, K) "
+            f"and model=... explicitly (got forward_func={type(forward_func).__name__})")
+    spec = spec_of(model)
+    if readout.dim() != 2 or readout.shape[0] != spec.output_dim:
+        raise ValueError(f"readout must be (D, K) with D={spec.output_dim} (the model's embedding width); "
+                         f"got {tuple(readout.shape)}")
+    scale = float(logit_scale if logit_scale is not None else getattr(forward_func, "logit_scale", 1.0))
+    cosine = bool(normalize if normalize is not None else getattr(forward_func, "normalize", False))
+    return spec, readout, scale, cosine
+
+
+def _check_granularity(granularity: str, allowed: Sequence[str]) -> None:
+    if granularity not in allowed:
+        raise ValueError(f"granularity must be one of {', '.join(allowed)}; got {granularity!r}")
+
+
+def _images(inputs: Union[Tensor, tuple]) -> tuple:
+    """Captum inputs -> ``(images (B, 3, H, W), whether they came as a 1-tuple)``."""
+    is_tuple = isinstance(inputs, tuple)
+    if is_tuple:
+        if len(inputs) != 1:
+            raise ValueError(f"expected one input tensor of images; got a tuple of {len(inputs)}")
+        inputs = inputs[0]
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"expected images as a tensor (B, 3, H, W); got {type(inputs).__name__}")
+    return inputs, is_tuple
+
+
+def _target_directions(attribution, targets: Tensor, contrib, dtype: torch.dtype) -> tuple:
+    """Each image's read-out column and logit factor.
+
+    Args:
+        attribution: carries ``readout`` (D, K), ``logit_scale`` and ``normalize``.
+        targets: (B,) read-out columns.
+        contrib: the decomposition; its ``embedding`` (B, D) is read (and so built) only for cosine read-outs.
+        dtype: the dtype of the decomposition the columns are applied to.
+
+    Returns:
+        ``(e (B, D), factor (B,))``: the logit of image b is ``factor[b] * (y_b . e_b)``.
+    """
+    e = attribution.readout[:, targets].T.to(dtype)
+    factor = torch.full((targets.shape[0],), attribution.logit_scale, dtype=e.dtype, device=e.device)
+    if attribution.normalize:
+        factor = factor / contrib.embedding.norm(dim=-1)
+    return e, factor
+
+
+def _scaled(attr: Tensor, factor: Tensor, granularity: str) -> Tensor:
+    """Per-image scores (B, ...) times the logit factor (B,); a spatial map gets its channel axis, (B, 1, h, w)."""
+    attr = attr * factor.view(-1, *([1] * (attr.dim() - 1)))
+    return attr.unsqueeze(1) if granularity == "spatial" else attr
+
+
+def _convergence_delta(forward_func: Callable, inputs: Tensor, additional_forward_args: Any, targets: Tensor,
+                       total: Tensor) -> Tensor:
+    """(B,) residual ``total - forward_func(inputs, *additional_forward_args)[b, targets[b]]``."""
+    with torch.no_grad():
+        extra = additional_forward_args if additional_forward_args is not None else ()
+        extra = extra if isinstance(extra, tuple) else (extra,)
+        logits = forward_func(inputs, *extra)
+    reference = logits.gather(1, targets.view(-1, 1)).squeeze(1).to(total.dtype)
+    return total - reference
+
+
 class NeuronHeadAttribution(LayerAttribution):
     r"""Exact attribution of a CLIP-ResNet read-out to (neuron, head) pairs, heads, neurons, tokens or
     layer4 locations.
@@ -71,28 +156,12 @@ class NeuronHeadAttribution(LayerAttribution):
                  model: Optional[nn.Module] = None, logit_scale: Optional[float] = None,
                  normalize: Optional[bool] = None, granularity: str = "spatial", sink: str = "keep",
                  bias: str = "own") -> None:
-        model = model if model is not None else getattr(forward_func, "model", None)
-        readout = readout if readout is not None else getattr(forward_func, "readout", None)
-        if model is None or readout is None:
-            raise TypeError(
-                "NeuronHeadAttribution needs a linear read-out of a CLIP-ResNet embedding: pass "
-                "nha_plugin.harness.ZeroShotClassifier / TextSimilarity as forward_func, or give readout=(D, K) "
-                f"and model=... explicitly (got forward_func={type(forward_func).__name__})")
-        self.spec = get_spec(model)
-        if readout.dim() != 2 or readout.shape[0] != self.spec.output_dim:
-            raise ValueError(f"readout must be (D, K) with D={self.spec.output_dim} (the model's embedding width); "
-                             f"got {tuple(readout.shape)}")
-        self.readout = readout
-        self.logit_scale = float(logit_scale if logit_scale is not None else getattr(forward_func, "logit_scale", 1.0))
-        self.normalize = bool(normalize if normalize is not None else getattr(forward_func, "normalize", False))
+        self.spec, self.readout, self.logit_scale, self.normalize = _readout_from(
+            forward_func, readout, model, logit_scale, normalize, spec_of=get_spec, who="NeuronHeadAttribution",
+            family="CLIP-ResNet")
         self.defaults = dict(granularity=granularity, sink=sink, bias=bias)
-        self._check_granularity(granularity)
+        _check_granularity(granularity, GRANULARITIES)
         super().__init__(forward_func, layer if layer is not None else self.spec.layer4, device_ids)
-
-    @staticmethod
-    def _check_granularity(granularity: str) -> None:
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
 
     def has_convergence_delta(self) -> bool:
         return True
@@ -148,24 +217,12 @@ class NeuronHeadAttribution(LayerAttribution):
         if attribute_to_layer_input:
             raise ValueError("attribute_to_layer_input=True is not supported: the decomposition is of layer4's output")
         granularity = granularity or self.defaults["granularity"]
-        self._check_granularity(granularity)
-        is_tuple = isinstance(inputs, tuple)
-        if is_tuple:
-            if len(inputs) != 1:
-                raise ValueError(f"expected one input tensor of images; got a tuple of {len(inputs)}")
-            inputs = inputs[0]
-        if not isinstance(inputs, Tensor):
-            raise TypeError(f"expected images as a tensor (B, 3, H, W); got {type(inputs).__name__}")
+        _check_granularity(granularity, GRANULARITIES)
+        inputs, is_tuple = _images(inputs)
         targets = self._targets(target, inputs.shape[0])
         contrib = self.contributions(inputs, sink, bias)
-        e = self.readout[:, targets].T.to(contrib.pair_coefficients.dtype)          # (B, D) per image
-        factor = torch.full((inputs.shape[0],), self.logit_scale, dtype=e.dtype, device=e.device)
-        if self.normalize:
-            factor = factor / contrib.embedding.norm(dim=-1)
-        attr = contrib.scores(e, level=granularity, per_image=True)
-        attr = attr * factor.view(-1, *([1] * (attr.dim() - 1)))
-        if granularity == "spatial":
-            attr = attr.unsqueeze(1)
+        e, factor = _target_directions(self, targets, contrib, contrib.pair_coefficients.dtype)
+        attr = _scaled(contrib.scores(e, level=granularity, per_image=True), factor, granularity)
         out = (attr,) if is_tuple else attr
         if not return_convergence_delta:
             return out
@@ -175,9 +232,4 @@ class NeuronHeadAttribution(LayerAttribution):
         if granularity in ("spatial", "token"):
             rest = rest + contrib.sink_score(e, level=granularity, per_image=True)
         total = attr.flatten(start_dim=1).sum(dim=1) + rest * factor
-        with torch.no_grad():
-            extra = additional_forward_args if additional_forward_args is not None else ()
-            extra = extra if isinstance(extra, tuple) else (extra,)
-            logits = self.forward_func(inputs, *extra)
-        reference = logits.gather(1, targets.view(-1, 1)).squeeze(1).to(total.dtype)
-        return out, total - reference
+        return out, _convergence_delta(self.forward_func, inputs, additional_forward_args, targets, total)

@@ -118,3 +118,52 @@ def tiny_vit64():
 @pytest.fixture(scope="session")
 def tiny_vit64_custom():
     return make_tiny_vit(torch.float64, block_type="custom")
+
+
+def assert_plain_prompts_pick_the_planted_object(model, tokenizer, seed: int) -> None:
+    """Plain prompts ("a yellow object", "a photo of a cat") rank one-object scenes of a yellow star and of a cat
+    the right way round: ground truth from the generated scenes, for a bundled scenes model."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from nha_plugin.harness.datasets import scenes as S
+    from nha_plugin.zoo._zoo import images_to_tensor
+
+    scenes = [S.generate_scene((seed + 7, i), objects=[{"colour": "yellow", "shape": "star"}], n_objects=1)
+              for i in range(4)]
+    scenes += [S.generate_scene((seed + 8, i), objects=[{"category": "cat"}], n_objects=1) for i in range(4)]
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(images_to_tensor(np.stack([s.image for s in scenes]))), dim=-1)
+        txt = F.normalize(model.encode_text(tokenizer(["a yellow object", "a photo of a cat"])), dim=-1)
+    sims = img @ txt.T
+    assert (sims[:4, 0] > sims[:4, 1]).all() and (sims[4:, 1] > sims[4:, 0]).all()
+
+
+def assert_checkpoints_equal(resumed_path, straight_path, step: int) -> None:
+    """A training run interrupted and resumed ends where an uninterrupted one does: same step, same weights."""
+    resumed = torch.load(resumed_path, weights_only=False)
+    straight = torch.load(straight_path, weights_only=False)
+    assert resumed["step"] == straight["step"] == step
+    for k, v in straight["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+
+
+def assert_target_forms_agree(nad, x) -> None:
+    """Captum target forms (list, (B,) tensor, 0-d tensor) give what one image at a time gives; ``nad`` is an
+    attribution over a read-out with at least 4 outputs and ``x`` a batch of 3 images."""
+    per = torch.stack([nad.attribute(x[i:i + 1], target=t)[0] for i, t in enumerate([0, 3, 1])])
+    assert torch.allclose(nad.attribute(x, target=[0, 3, 1]), per, atol=1e-12)
+    assert torch.allclose(nad.attribute(x, target=torch.tensor([0, 3, 1])), per, atol=1e-12)
+    assert torch.allclose(nad.attribute(x, target=torch.tensor(3))[1], per[1], atol=1e-12)
+
+
+def assert_noise_tunnel_keeps_exact_deltas(nad, x, shape) -> None:
+    """Captum's NoiseTunnel (smoothgrad, 3 samples) over ``nad`` on a batch of 3: maps of ``shape`` and exact
+    convergence deltas for each of the 9 noisy images."""
+    from captum.attr import NoiseTunnel
+
+    nt = NoiseTunnel(nad)
+    attr, delta = nt.attribute(x, nt_type="smoothgrad", nt_samples=3, stdevs=0.05, target=1,
+                               return_convergence_delta=True)
+    assert attr.shape == shape
+    assert delta.shape == (9,) and delta.abs().max() < 1e-9

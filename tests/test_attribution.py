@@ -1,14 +1,14 @@
 """NeuronHeadAttribution under Captum's contract: targets, shapes, exact deltas, and Captum's own tools."""
 import pytest
 import torch
-from captum.attr import LayerAttribution, NoiseTunnel
+from captum.attr import LayerAttribution
 from captum.metrics import infidelity, sensitivity_max
 
 import nha_plugin as nha
 from nha_plugin.harness import TextSimilarity, ZeroShotClassifier
 from nha_plugin.attribution import GRANULARITIES
 
-from conftest import images_for
+from conftest import assert_noise_tunnel_keeps_exact_deltas, assert_target_forms_agree, images_for
 
 CLASSES = ["cat", "dog", "car", "tree"]
 
@@ -48,11 +48,7 @@ def test_delta_exact_with_sink_and_split_bias(classifier, x, sink):
 
 
 def test_target_forms_agree(classifier, x):
-    nad = nha.NeuronHeadAttribution(classifier, granularity="head")
-    per = torch.stack([nad.attribute(x[i:i + 1], target=t)[0] for i, t in enumerate([0, 3, 1])])
-    assert torch.allclose(nad.attribute(x, target=[0, 3, 1]), per, atol=1e-12)
-    assert torch.allclose(nad.attribute(x, target=torch.tensor([0, 3, 1])), per, atol=1e-12)
-    assert torch.allclose(nad.attribute(x, target=torch.tensor(3))[1], per[1], atol=1e-12)
+    assert_target_forms_agree(nha.NeuronHeadAttribution(classifier, granularity="head"), x)
 
 
 def test_tuple_in_tuple_out(classifier, x):
@@ -83,11 +79,7 @@ def test_explicit_readout_with_any_forward(tiny64, x):
 
 
 def test_noise_tunnel(classifier, x):
-    nt = NoiseTunnel(nha.NeuronHeadAttribution(classifier))
-    attr, delta = nt.attribute(x, nt_type="smoothgrad", nt_samples=3, stdevs=0.05, target=1,
-                               return_convergence_delta=True)
-    assert attr.shape == SHAPES["spatial"]
-    assert delta.shape == (9,) and delta.abs().max() < 1e-9
+    assert_noise_tunnel_keeps_exact_deltas(nha.NeuronHeadAttribution(classifier), x, SHAPES["spatial"])
 
 
 def test_sensitivity_max_under_no_grad(classifier, x):

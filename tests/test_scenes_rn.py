@@ -11,6 +11,8 @@ from nha_plugin.harness.datasets import scenes as S
 from nha_plugin.zoo import _scenes_rn as Z
 from nha_plugin.zoo import train_scenes_rn as T
 
+from conftest import assert_checkpoints_equal, assert_plain_prompts_pick_the_planted_object
+
 # a held-out seed used neither for training (seed 0) nor for picking the shipped checkpoint (1000-1002)
 TEST_SEED = 2000
 
@@ -62,14 +64,7 @@ def test_zero_shot_accuracy_floors_on_held_out_scenes(bundled):
 
 def test_plain_prompts_pick_the_planted_object(bundled):
     model, _, tokenizer = bundled
-    scenes = [S.generate_scene((TEST_SEED + 7, i), objects=[{"colour": "yellow", "shape": "star"}], n_objects=1)
-              for i in range(4)]
-    scenes += [S.generate_scene((TEST_SEED + 8, i), objects=[{"category": "cat"}], n_objects=1) for i in range(4)]
-    with torch.no_grad():
-        img = F.normalize(model.encode_image(Z.images_to_tensor(np.stack([s.image for s in scenes]))), dim=-1)
-        txt = F.normalize(model.encode_text(tokenizer(["a yellow object", "a photo of a cat"])), dim=-1)
-    sims = img @ txt.T
-    assert (sims[:4, 0] > sims[:4, 1]).all() and (sims[4:, 1] > sims[4:, 0]).all()
+    assert_plain_prompts_pick_the_planted_object(model, tokenizer, TEST_SEED)
 
 
 def test_multi_positive_loss_reduces_to_clip_loss():
@@ -112,11 +107,7 @@ def test_training_script_runs_and_resumes_exactly(tmp_path, capsys):
     run("a", "--steps", "3")
     assert "resumed from" in capsys.readouterr().out
     run("b", "--steps", "3")
-    resumed = torch.load(tmp_path / "a.pt", weights_only=False)
-    straight = torch.load(tmp_path / "b.pt", weights_only=False)
-    assert resumed["step"] == straight["step"] == 3
-    for k, v in straight["model"].items():
-        assert torch.equal(resumed["model"][k], v), k  # an interrupted run ends where an uninterrupted one does
+    assert_checkpoints_equal(tmp_path / "a.pt", tmp_path / "b.pt", step=3)
     evaluated = T.main(["--evaluate-only", "--eval-n", "4", "--out", str(tmp_path / "b.safetensors"),
                         "--threads", str(torch.get_num_threads())])
     assert set(evaluated) >= {"colour", "name", "background"} and json.dumps(evaluated["prompts"])

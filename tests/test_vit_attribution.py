@@ -2,14 +2,14 @@
 import open_clip
 import pytest
 import torch
-from captum.attr import LayerAttribution, NoiseTunnel
+from captum.attr import LayerAttribution
 
 import nha_plugin as nha
 from nha_plugin import vit
 from nha_plugin.harness import TextSimilarity, ZeroShotClassifier
 from nha_plugin.vit.attribution import GRANULARITIES
 
-from conftest import images_for, make_tiny
+from conftest import assert_noise_tunnel_keeps_exact_deltas, assert_target_forms_agree, images_for, make_tiny
 
 CLASSES = ["cat", "dog", "car", "tree"]
 SHAPES = {"spatial": (3, 1, 4, 4), "head": (3, 3, 4), "layer": (3, 7), "token": (3, 3, 4, 17)}
@@ -60,11 +60,7 @@ def test_attributions_are_the_decomposition_scaled(classifier, x):
 
 
 def test_target_forms_agree(classifier, x):
-    nad = vit.ViTAttribution(classifier, granularity="head")
-    per = torch.stack([nad.attribute(x[i:i + 1], target=t)[0] for i, t in enumerate([0, 3, 1])])
-    assert torch.allclose(nad.attribute(x, target=[0, 3, 1]), per, atol=1e-12)
-    assert torch.allclose(nad.attribute(x, target=torch.tensor([0, 3, 1])), per, atol=1e-12)
-    assert torch.allclose(nad.attribute(x, target=torch.tensor(3))[1], per[1], atol=1e-12)
+    assert_target_forms_agree(vit.ViTAttribution(classifier, granularity="head"), x)
 
 
 def test_tuple_in_tuple_out(classifier, x):
@@ -92,11 +88,7 @@ def test_explicit_readout_with_any_forward(tiny_vit64, x):
 
 
 def test_noise_tunnel(classifier, x):
-    nt = NoiseTunnel(vit.ViTAttribution(classifier))
-    attr, delta = nt.attribute(x, nt_type="smoothgrad", nt_samples=3, stdevs=0.05, target=1,
-                               return_convergence_delta=True)
-    assert attr.shape == SHAPES["spatial"]
-    assert delta.shape == (9,) and delta.abs().max() < 1e-9
+    assert_noise_tunnel_keeps_exact_deltas(vit.ViTAttribution(classifier), x, SHAPES["spatial"])
 
 
 def test_layer_interpolate_and_lift(classifier, x):

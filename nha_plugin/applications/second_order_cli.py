@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._cli_common import standalone_main
+
 __all__ = ["add_parser", "run", "main", "ACTIONS", "segmentation_counts_fixed", "evaluate_ablation",
            "select_segmentation_neurons", "evaluate_segmentation", "run_adversarial", "STATS_SEED", "EVAL_SEED"]
 
@@ -559,13 +561,7 @@ def run(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Stand-alone entry point: ``python -m nha_plugin.applications.second_order_cli neurons ...``."""
-    parser = argparse.ArgumentParser(prog="nha")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.command_line = argv[1:]
-    return run(args)
+    return standalone_main(add_parser, run, argv, record_as="command_line")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ._cli_common import standalone_main
+
 __all__ = ["add_parser", "configure", "run", "main"]
 
 DEFAULT_SCENE_CONCEPTS = ("yellow", "cat")
@@ -277,13 +279,7 @@ def _print_summary(runs) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Stand-alone entry point: ``python -m nha_plugin.applications.shift_cli shift ...``."""
-    parser = argparse.ArgumentParser(prog="nha")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.argv = argv[1:]
-    return run(args)
+    return standalone_main(add_parser, run, argv, record_as="argv")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..text.pools import _dedupe
 from ..vit.textspan_heads import HeadSpan, HeadStatistics, mean_ablated_embeddings, predict
 
 __all__ = ["group_accuracies", "mentions", "place_head_scores", "select_place_heads", "random_head_sets",
@@ -243,12 +244,7 @@ def scene_description_pool() -> List[str]:
         texts += [f"an object {S._position_phrase(pos)}"]
     for bg in S.BACKGROUNDS:
         texts += [t.format(bg) for t in S._BACKGROUND_TEMPLATES]
-    seen, out = set(), []
-    for t in texts:
-        if t not in seen:
-            seen.add(t)
-            out.append(t)
-    return out
+    return _dedupe(texts)
 
 
 def _scenes_tensor(images: np.ndarray, size: int, dtype, device, preprocess: Optional[Callable]) -> Tensor:

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ._cli_common import standalone_main
+
 __all__ = ["add_parser", "run", "main", "textspan_report", "default_pool"]
 
 DEFAULT_MODEL = "scenes-vit"
@@ -114,6 +116,25 @@ def _atomic_text(path: Path, text: str) -> None:
 def _fingerprint(module) -> str:
     from ..vit.textspan_heads import _fingerprint as fp
     return fp(module)
+
+
+def _stamp_protocol(res: dict, args: argparse.Namespace, model) -> None:
+    """Record in ``res["protocol"]`` the model, the parsed arguments and the image tower's weights hash."""
+    res["protocol"].update(model=args.model, pretrained=args.pretrained, precision=args.precision,
+                           arguments={k: v for k, v in vars(args).items() if k != "func"},
+                           image_tower_sha1=_fingerprint(getattr(model, "visual", model)))
+
+
+def _finish_plot(fig, ax, title: str, path: Path) -> None:
+    """Title and legend, then write the PNG atomically (a temporary file, then ``os.replace``) and close it."""
+    import matplotlib.pyplot as plt
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _load(args):
@@ -218,13 +239,7 @@ def _textspan_plot(res: dict, path: Path, title: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("texts per head (m)")
     ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _finish_plot(fig, ax, title, path)
 
 
 def _run_textspan(args) -> int:
@@ -234,9 +249,7 @@ def _run_textspan(args) -> int:
                           split=args.split, n=args.n, layers=args.layers, m=args.m, rank=args.rank, ms=args.ms,
                           pool=pool, pool_desc=desc, seed=args.seed, batch_size=args.batch_size, parts_dir=args.parts,
                           cache_dir=args.cache_dir, progress=not args.quiet)
-    res["protocol"].update(model=args.model, pretrained=args.pretrained, precision=args.precision,
-                           arguments={k: v for k, v in vars(args).items() if k != "func"},
-                           image_tower_sha1=_fingerprint(getattr(model, "visual", model)))
+    _stamp_protocol(res, args, model)
     title = f"TextSpan on {args.model} heads"
     _write(args.out, res, _textspan_markdown(res, title), lambda p: _textspan_plot(res, p, title))
     a = res["accuracy"]
@@ -285,13 +298,7 @@ def _spurious_plot(res: dict, path: Path, title: str) -> None:
     ax.set_xticks(x, names, fontsize=8)
     ax.set_ylabel("worst-group accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _finish_plot(fig, ax, title, path)
 
 
 def _run_spurious(args) -> int:
@@ -315,9 +322,7 @@ def _run_spurious(args) -> int:
         pool, desc = default_pool(args.model, args.pool)
         res = spurious.waterbirds_experiment(model, tokenizer, args.path, n_textspan=args.n_textspan or 1000,
                                              n_test=args.n_test, pool=pool, pool_desc=desc, **common)
-    res["protocol"].update(model=args.model, pretrained=args.pretrained, precision=args.precision,
-                           arguments={k: v for k, v in vars(args).items() if k != "func"},
-                           image_tower_sha1=_fingerprint(getattr(model, "visual", model)))
+    _stamp_protocol(res, args, model)
     title = f"Spurious-feature removal on {args.model} ({args.dataset})"
     _write(args.out, res, _spurious_markdown(res, title), lambda p: _spurious_plot(res, p, title))
     for name, r in res["readouts"].items():
@@ -347,10 +352,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Stand-alone entry point: ``python -m nha_plugin.applications.vit_cli textspan|spurious ...``."""
-    parser = argparse.ArgumentParser(prog="nha")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    return run(parser.parse_args(argv))
+    return standalone_main(add_parser, run, argv)
 
 
 if __name__ == "__main__":

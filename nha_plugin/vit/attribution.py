@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
 from captum.attr import LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from ..attribution import NeuronHeadAttribution
+from ..attribution import (NeuronHeadAttribution, _check_granularity, _convergence_delta, _images,
+                           _readout_from, _scaled, _target_directions)
 from .decomposition import ViTContributions, decompose
 from .spec import vit_spec
 
@@ -60,30 +60,14 @@ class ViTAttribution(LayerAttribution):
                  model: Optional[nn.Module] = None, logit_scale: Optional[float] = None,
                  normalize: Optional[bool] = None, granularity: str = "spatial",
                  token_layers: Union[str, Sequence[int]] = "all") -> None:
-        model = model if model is not None else getattr(forward_func, "model", None)
-        readout = readout if readout is not None else getattr(forward_func, "readout", None)
-        if model is None or readout is None:
-            raise TypeError(
-                "ViTAttribution needs a linear read-out of a CLIP-ViT embedding: pass "
-                "nha_plugin.harness.ZeroShotClassifier / TextSimilarity as forward_func, or give readout=(D, K) "
-                f"and model=... explicitly (got forward_func={type(forward_func).__name__})")
-        self.spec = vit_spec(model)
-        if readout.dim() != 2 or readout.shape[0] != self.spec.output_dim:
-            raise ValueError(f"readout must be (D, K) with D={self.spec.output_dim} (the model's embedding width); "
-                             f"got {tuple(readout.shape)}")
-        self.readout = readout
-        self.logit_scale = float(logit_scale if logit_scale is not None else getattr(forward_func, "logit_scale", 1.0))
-        self.normalize = bool(normalize if normalize is not None else getattr(forward_func, "normalize", False))
-        self._check_granularity(granularity)
+        self.spec, self.readout, self.logit_scale, self.normalize = _readout_from(
+            forward_func, readout, model, logit_scale, normalize, spec_of=vit_spec, who="ViTAttribution",
+            family="CLIP-ViT")
+        _check_granularity(granularity, GRANULARITIES)
         self.defaults = dict(granularity=granularity, token_layers=token_layers)
         if layer is None and self.spec.module is not None:
             layer = self.spec.module.transformer.resblocks[-1]
         super().__init__(forward_func, layer, device_ids)
-
-    @staticmethod
-    def _check_granularity(granularity: str) -> None:
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
 
     def contributions(self, inputs: Tensor, token_layers: Union[str, Sequence[int], None] = None) -> ViTContributions:
         """The full :class:`ViTContributions` behind an attribution."""
@@ -114,31 +98,15 @@ class ViTAttribution(LayerAttribution):
             raise ValueError("attribute_to_layer_input=True is not supported: the decomposition is of the "
                              "residual stream's components")
         granularity = granularity or self.defaults["granularity"]
-        self._check_granularity(granularity)
-        is_tuple = isinstance(inputs, tuple)
-        if is_tuple:
-            if len(inputs) != 1:
-                raise ValueError(f"expected one input tensor of images; got a tuple of {len(inputs)}")
-            inputs = inputs[0]
-        if not isinstance(inputs, Tensor):
-            raise TypeError(f"expected images as a tensor (B, 3, H, W); got {type(inputs).__name__}")
+        _check_granularity(granularity, GRANULARITIES)
+        inputs, is_tuple = _images(inputs)
         targets = self._targets(target, inputs.shape[0])
         contrib = self.contributions(inputs, token_layers)
-        e = self.readout[:, targets].T.to(contrib.embedding.dtype)                     # (B, D) per image
-        factor = torch.full((inputs.shape[0],), self.logit_scale, dtype=e.dtype, device=e.device)
-        if self.normalize:
-            factor = factor / contrib.embedding.norm(dim=-1)
+        e, factor = _target_directions(self, targets, contrib, contrib.embedding.dtype)
         attr, rest = contrib.scores_and_rest(e, level=granularity, per_image=True)
-        attr = attr * factor.view(-1, *([1] * (attr.dim() - 1)))
-        if granularity == "spatial":
-            attr = attr.unsqueeze(1)
+        attr = _scaled(attr, factor, granularity)
         out = (attr,) if is_tuple else attr
         if not return_convergence_delta:
             return out
         total = attr.flatten(start_dim=1).sum(dim=1) + rest * factor
-        with torch.no_grad():
-            extra = additional_forward_args if additional_forward_args is not None else ()
-            extra = extra if isinstance(extra, tuple) else (extra,)
-            logits = self.forward_func(inputs, *extra)
-        reference = logits.gather(1, targets.view(-1, 1)).squeeze(1).to(total.dtype)
-        return out, total - reference
+        return out, _convergence_delta(self.forward_func, inputs, additional_forward_args, targets, total)
