@@ -32,10 +32,9 @@ import torch
 
 import nha_plugin as nha
 from nha_plugin.applications.segmentation import (METHOD_DESCRIPTIONS, METHODS, ORACLE, ORACLE_DESCRIPTION,
-                                                  SceneSegmentation, Segmentor, bootstrap_miou, class_embeddings,
-                                                  evaluate, plot_examples)
+                                                  PAPER_PAIR_SHARE, SceneSegmentation, Segmentor, bootstrap_miou,
+                                                  class_embeddings, evaluate, paper_k, plot_examples)
 
-PAPER_SHARE = 20000 / (48 * 3072)
 PROTOCOLS = {"classes": "16 classes (10 objects + 6 backgrounds), every pixel scored",
              "ignore": "10 object classes, background ignored (Context-59 convention)"}
 
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
     model, preprocess, tokenizer = nha.load_clip("scenes-rn")
     spec = nha.adapters.get_spec(model)
     H, C = spec.num_heads, spec.num_neurons
-    k = args.k or round(PAPER_SHARE * H * C)
+    k = args.k or paper_k(spec)
     sweep = [int(v) for v in args.sweep.split(",") if v]
     progress = not args.quiet
     main_tables, ablations, examples, texts = {}, {}, None, {}
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
         "class_texts": "per class the caption forms scenes-rn was trained on (objects: 'star', 'a star', 'a photo "
                        "of a star', ...; backgrounds: 'something on grass', 'a grass background', ...), each "
                        "normalised, averaged, renormalised; centred over the classes and renormalised",
-        "k": f"{k} pairs per class = round({PAPER_SHARE:.4f} * {H * C}), the paper's share (20,000 of 147,456)",
+        "k": f"{k} pairs per class = round({PAPER_PAIR_SHARE:.4f} * {H * C}), the paper's share (20,000 of 147,456)",
         "pair_signs": "+1 (PC0 = u/||u||) in the main table; ablation 'pair_signs=data': the paper's PC0 sign "
                       f"(majority of the top-50 centred |s| above the mean) from nha_plugin.stats.collect over "
                       f"{args.stats_n} scenes of seed {args.stats_seed}",

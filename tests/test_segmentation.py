@@ -391,3 +391,14 @@ def test_segment_cli_orients_pairs_with_dataset_pc0_signs(scenes_rn, tmp_path):
     seg = S.Segmentor(model, S.class_embeddings(model, scenes_rn[2], ds.prompts()), ["nad"], k=100, pair_signs=signs,
                       preprocess=scenes_rn[1])
     assert res["methods"]["nad"]["iou"] == S.evaluate(seg, ds, progress=False)["methods"]["nad"]["iou"]
+
+
+def test_default_k_is_the_papers_share_of_pairs(tiny64):
+    """20,000 of RN50x16's 48 x 3072 pairs; the tiny model (8 x 512) gets the same share, not 'every pair'."""
+    from nha_plugin.adapters import get_spec
+    from nha_plugin.applications.segmentation import Segmentor, paper_k
+    spec = get_spec(tiny64)
+    assert paper_k(spec) == round(20000 / (48 * 3072) * 8 * 512) == 556
+    text = torch.nn.functional.normalize(torch.randn(3, spec.output_dim, dtype=torch.float64), dim=-1)
+    seg = Segmentor(tiny64, text, methods=("nad",))
+    assert seg.k == 556 and int(seg.mask[0].sum()) == 556

@@ -59,13 +59,20 @@ from ..decomposition import _head_split, class_attention, interpolate_positional
 from ..harness.methods import _interpolate_sink, maskclip_tokens, self_self_tokens
 from ..spec import AttentionPoolSpec
 
-__all__ = ["METHODS", "METHOD_DESCRIPTIONS", "ORACLE", "ORACLE_DESCRIPTION", "BIAS_SHARES", "DEFAULT_K",
+__all__ = ["METHODS", "METHOD_DESCRIPTIONS", "ORACLE", "ORACLE_DESCRIPTION", "BIAS_SHARES", "DEFAULT_K", "PAPER_PAIR_SHARE", "paper_k",
            "class_embeddings", "centre_texts", "pair_scores", "top_pairs", "head_maps", "neuron_maps", "nad_logits",
            "maskclip_tokens", "self_self_tokens", "crop_logits", "sliding_windows", "Segmentor", "ConfusionMatrix",
            "miou_from_matrices", "bootstrap_miou", "SceneSegmentation", "scene_prompts", "evaluate", "plot_examples",
            "results_markdown"]
 
 DEFAULT_K = 20000
+# The paper keeps 20,000 of RN50x16's 48 x 3072 pairs per class; other models default to the same share.
+PAPER_PAIR_SHARE = DEFAULT_K / (48 * 3072)
+
+
+def paper_k(spec: AttentionPoolSpec) -> int:
+    """Pairs per class at the paper's share of H*C (20,000 for RN50x16, 417 for scenes-rn)."""
+    return max(1, round(PAPER_PAIR_SHARE * spec.num_heads * spec.num_neurons))
 METHOD_DESCRIPTIONS: Dict[str, str] = {
     "nad": "NAD: (1/k) sum over the class's top-k pairs (h, n) of Z[m, n] L[p, m, h] (head cosine x neuron activation)",
     "maskclip": "MaskCLIP for ResNet: per-token c_proj(v_proj(F_m)) (no q/k, no positional embedding), cosine with t_p",
@@ -374,7 +381,7 @@ class Segmentor:
     """
 
     def __init__(self, model: Union[nn.Module, AttentionPoolSpec], text: Tensor, methods: Sequence[str] = ("nad",), *,
-                 k: int = DEFAULT_K, pair_signs: Optional[Tensor] = None, crop_size: Optional[int] = None,
+                 k: Optional[int] = None, pair_signs: Optional[Tensor] = None, crop_size: Optional[int] = None,
                  stride: Optional[int] = None, short_side: Optional[int] = None, preprocess=None,
                  sink: str = "interpolate", bias_share: str = "attention", batch_size: int = 8):
         self.spec = (model if isinstance(model, AttentionPoolSpec) else get_spec(model)).detached()
@@ -407,6 +414,7 @@ class Segmentor:
         self.std = torch.tensor(std, dtype=self.spec.dtype, device=self.spec.device).view(1, 3, 1, 1)
         self.k, self.mask = None, None
         if {"nad", "neurons"} & set(methods):
+            k = paper_k(self.spec) if k is None else k
             self.k = min(int(k), self.spec.num_heads * self.spec.num_neurons)
             self.mask = top_pairs(self.spec, self.text, int(k), pair_signs)
 
