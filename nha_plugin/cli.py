@@ -161,6 +161,14 @@ def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed:
     return summary
 
 
+def _user_errors() -> tuple:
+    from .models import PretrainedUnavailableError
+    from .spec import UnsupportedModelError
+    from .stats import StatsMismatchError
+    return (FileNotFoundError, NotADirectoryError, UnsupportedModelError, PretrainedUnavailableError,
+            StatsMismatchError)
+
+
 def _command_modules():
     """Modules that add subcommands: each has ``add_parser(subparsers)`` and ``run(args) -> int``."""
     from .applications import second_order_cli, segment_cli, shift_cli, stats_cli, vit_cli
@@ -185,7 +193,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runners.update({name: module.run for name in set(sub.choices) - before})
     args = parser.parse_args(argv)
     if args.command in runners:
-        return runners[args.command](args)
+        try:
+            return runners[args.command](args)
+        except _user_errors() as err:
+            if os.environ.get("NHA_DEBUG"):
+                raise
+            print(f"nha {args.command}: error: {err}\n(set NHA_DEBUG=1 for the traceback)", file=sys.stderr)
+            return 2
     if args.command == "demo":
         if args.n < 1:
             parser.error("--n must be at least 1")

@@ -24,3 +24,12 @@ def test_demo_rejects_bad_n(capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--n", "0"])
     assert "--n must be at least 1" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_messages_not_tracebacks(tmp_path, capsys):
+    from nha_plugin.cli import main as nha_main
+    assert nha_main(["textspan", "--model", "scenes-rn", "--n", "4", "--out", str(tmp_path / "t.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nha textspan: error: expected a CLIP-ViT" in err and "Traceback" not in err
+    assert nha_main(["segment", "--dataset", "pascal-context", "--root", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert "VOCdevkit/VOC2010/JPEGImages" in capsys.readouterr().err

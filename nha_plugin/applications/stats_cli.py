@@ -191,9 +191,11 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
+    from ..adapters import get_spec
     from ..stats import _dist_info, _rank_path, collect
     device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else args.device
     model, preprocess, _ = _load(args.model, device)
+    get_spec(model)      # pair statistics are for CLIP-ResNets: a ViT is refused with a pointer to nha_plugin.vit
     if args.images:
         try:
             data = FolderImages(args.images, preprocess)

@@ -142,7 +142,9 @@ def _load(args):
 
     import nha_plugin as nha
     torch.manual_seed(args.seed)
-    return nha.load_clip(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision)
+    loaded = nha.load_clip(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision)
+    nha.vit.vit_spec(loaded[0])          # a CLIP-ResNet is refused here, with a pointer to the ResNet commands
+    return loaded
 
 
 # ---- textspan ---------------------------------------------------------------------------------------------
