@@ -297,9 +297,27 @@ class DatasetStats:
             self.head_comoment = self.head_comoment + other["head_comoment"] + w * torch.einsum("hd,he->hde", dh, dh)
         self.count = n
 
-    def merge(self, other: "DatasetStats") -> "DatasetStats":
-        """Combine with statistics of disjoint samples (same model, k, options), in place; returns self."""
+    def merge(self, other: "DatasetStats", index_offset: Optional[int] = None) -> "DatasetStats":
+        """Combine with statistics of disjoint samples (same model, k, options), in place; returns self.
+
+        Args:
+            other: statistics of other images.
+            index_offset: added to ``other``'s sample indices. Two separate ``collect`` runs both number their
+                samples from 0; pass ``index_offset=self.count`` to merge them. Without it, overlapping sample
+                indices raise (the top-k lists identify samples by index, so they would be mixed up).
+        """
         self._check_compatible(other.meta.get("model", {}), other.k, other.head_comoment is not None)
+        other_max, other_min = other.top_max_indices, other.top_min_indices
+        if index_offset is not None:
+            other_max = torch.where(other_max >= 0, other_max + int(index_offset), other_max)
+            other_min = torch.where(other_min >= 0, other_min + int(index_offset), other_min)
+        mine = torch.cat([self.top_max_indices.flatten(), self.top_min_indices.flatten()]).unique()
+        theirs = torch.cat([other_max.flatten(), other_min.flatten()]).unique().to(mine.device)
+        shared = mine[(mine >= 0) & torch.isin(mine, theirs)]
+        if shared.numel():
+            raise ValueError(f"both statistics hold samples numbered {shared[:5].tolist()}...: they must describe "
+                             "disjoint samples with distinct indices. Two separate collect() runs both count from "
+                             f"0: pass index_offset={self.count} (this object's sample count) to renumber the other")
         like = self.mean
         self._merge_moments(dict(count=other.count, mean=other.mean.to(like), head_sq=other.head_sq.to(like),
                                  neuron_comoment=other.neuron_comoment.to(like),
@@ -307,10 +325,10 @@ class DatasetStats:
         dev = self.mean.device
         self.top_max_values, self.top_max_indices = _select(
             torch.cat([self.top_max_values, other.top_max_values.to(dev)], -1),
-            torch.cat([self.top_max_indices, other.top_max_indices.to(dev)], -1), self.k, True)
+            torch.cat([self.top_max_indices, other_max.to(dev)], -1), self.k, True)
         self.top_min_values, self.top_min_indices = _select(
             torch.cat([self.top_min_values, other.top_min_values.to(dev)], -1),
-            torch.cat([self.top_min_indices, other.top_min_indices.to(dev)], -1), self.k, False)
+            torch.cat([self.top_min_indices, other_min.to(dev)], -1), self.k, False)
         return self
 
     def all_reduce(self, group=None) -> "DatasetStats":
@@ -658,7 +676,9 @@ def collect(model, loader, *, batch_size: Optional[int] = None, k: int = 50,
             yield the same batches in the same order as before (a deterministic loader).
         progress: tqdm progress bar (rank 0 only).
         num_workers: DataLoader workers when ``loader`` is a Dataset.
-        meta: JSON-able fields stored with the statistics (e.g. a description of the data).
+        meta: JSON-able fields stored with the statistics (e.g. a description of the data). Its ``"data"`` entry
+            (or the whole dict) identifies the data: resuming a checkpoint written for other data raises
+            :class:`StatsMismatchError` instead of mixing the two.
 
     Returns:
         :class:`DatasetStats`, merged over all processes when torch.distributed is initialised.
@@ -678,7 +698,8 @@ def collect(model, loader, *, batch_size: Optional[int] = None, k: int = 50,
             raise TypeError(f"batch_size was given, so loader must be a map-style Dataset (__getitem__ and __len__); "
                             f"got {type(loader).__name__}. Pass an iterable of batches without batch_size instead")
     run = {"mode": "dataset" if is_dataset else "iterable", "world_size": world, "rank": rank,
-           "batch_size": batch_size, "dataset_len": len(loader) if is_dataset else None}
+           "batch_size": batch_size, "dataset_len": len(loader) if is_dataset else None,
+           "data": json.loads(json.dumps((meta or {}).get("data", meta or {}), default=str))}
     path = _rank_path(Path(checkpoint), rank, world) if checkpoint is not None else None
     stats, state = None, {"batches": 0, "samples": 0, "complete": False}
     if resume and path is not None and path.is_file():
@@ -689,10 +710,11 @@ def collect(model, loader, *, batch_size: Optional[int] = None, k: int = 50,
                                      f"{stats.head_comoment is not None}; this run asks for k={k}, head_covariance="
                                      f"{head_covariance}. Use the same settings or resume=False to start over")
         saved = stats.meta.get("run", {})
-        if any(saved.get(key) != run[key] for key in ("mode", "world_size", "rank", "batch_size", "dataset_len")):
+        if any(saved.get(key) != run[key] for key in ("mode", "world_size", "rank", "batch_size", "dataset_len",
+                                                      "data")):
             raise StatsMismatchError(f"checkpoint {path} belongs to another run ({saved}); this run is {run}. "
-                                     "Resume with the same loader, batch size and number of processes, or pass "
-                                     "resume=False to start over")
+                                     "Resume with the same loader, data description (meta), batch size and number "
+                                     "of processes, or pass resume=False to start over")
         state.update(stats.meta.get("state", {}))
     if stats is None:
         stats = DatasetStats.empty(spec, k=k, head_covariance=head_covariance)

@@ -144,10 +144,10 @@ def test_merge_of_halves_equals_whole(small, data, stats):
     x = data[0]
     a = collect(small, batches_of(x[:30]), k=50, progress=False)
     b = collect(small, [batch for batch in batches_of(x[30:])], k=50, progress=False)
-    # the second half's indices restart at 0 in its own stream: shift them to dataset positions
-    b.top_max_indices += 30
-    b.top_min_indices += 30
-    a.merge(b)
+    # the second half's indices restart at 0 in its own stream: merging as they are would mix samples up
+    with pytest.raises(ValueError, match="index_offset=30"):
+        a.merge(b)
+    a.merge(b, index_offset=a.count)
     assert a.count == stats.count
     torch.testing.assert_close(a.mean, stats.mean, rtol=0, atol=1e-15)
     torch.testing.assert_close(a.neuron_comoment, stats.neuron_comoment, rtol=1e-10, atol=1e-20)
@@ -287,3 +287,15 @@ def test_cli_stats_on_a_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no image files"):
         stats_cli.main(["stats", "--images", str(tmp_path / "empty"), "--out", str(out), "--quiet"])
+
+
+def test_resume_refuses_a_checkpoint_written_for_other_data(small, data, tmp_path):
+    x = data[0]
+    ckpt = tmp_path / "s.partial.safetensors"
+    with pytest.raises(RuntimeError):
+        collect(small, _Failing(batches_of(x[:30], 8), fail_after=2), k=5, checkpoint=ckpt, checkpoint_every=1,
+                progress=False, meta={"data": "scenes seed 1"})
+    with pytest.raises(StatsMismatchError, match="data description"):
+        collect(small, batches_of(x[30:60], 8), k=5, checkpoint=ckpt, resume=True, progress=False,
+                meta={"data": "scenes seed 2"})
+
