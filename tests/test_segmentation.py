@@ -402,3 +402,14 @@ def test_default_k_is_the_papers_share_of_pairs(tiny64):
     text = torch.nn.functional.normalize(torch.randn(3, spec.output_dim, dtype=torch.float64), dim=-1)
     seg = Segmentor(tiny64, text, methods=("nad",))
     assert seg.k == 556 and int(seg.mask[0].sum()) == 556
+
+
+def test_resumed_evaluation_restarts_when_the_segmentor_changes(tiny64, tmp_path):
+    """The resume state is keyed on the segmentor's settings, not only on the caller's config."""
+    from nha_plugin.applications.segmentation import Segmentor, _segmentor_identity
+    text = torch.nn.functional.normalize(torch.randn(3, 64, dtype=torch.float64), dim=-1)
+    a = _segmentor_identity(Segmentor(tiny64, text, methods=("nad",), k=50))
+    assert a == _segmentor_identity(Segmentor(tiny64, text, methods=("nad",), k=50))
+    assert a != _segmentor_identity(Segmentor(tiny64, text, methods=("nad",), k=60))
+    assert a != _segmentor_identity(Segmentor(tiny64, text, methods=("nad",), k=50, sink="keep"))
+    assert a != _segmentor_identity(Segmentor(tiny64, text.flip(0), methods=("nad",), k=50))

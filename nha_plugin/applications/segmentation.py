@@ -639,6 +639,16 @@ def _fingerprint(config: Mapping) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _segmentor_identity(seg: Segmentor) -> dict:
+    """Everything that changes a segmentor's predictions, so a resumed evaluation never mixes two settings."""
+    def digest(t: Optional[Tensor]) -> Optional[str]:
+        return None if t is None else hashlib.sha256(t.detach().cpu().double().numpy().tobytes()).hexdigest()[:16]
+    spec = seg.spec
+    return {"k": seg.k, "mask": digest(seg.mask), "text": digest(seg.text), "sink": seg.sink,
+            "bias_share": seg.bias_share, "window": [seg.crop_size, seg.stride, seg.short_side],
+            "weights": digest(torch.cat([spec.v_weight.flatten(), spec.c_weight.flatten(), spec.q_weight.flatten()]))}
+
+
 def evaluate(segmentor: Segmentor, dataset, *, n: Optional[int] = None, no_background: Optional[bool] = None,
              ignore_index: int = 255, oracle: bool = True, show: int = 6, images_per_step: int = 4,
              state_path: Union[str, Path, None] = None, config: Optional[Mapping] = None, save_every: int = 20,
@@ -673,8 +683,8 @@ def evaluate(segmentor: Segmentor, dataset, *, n: Optional[int] = None, no_backg
         raise ValueError(f"the segmentor has {segmentor.num_classes} class texts but the dataset "
                          f"{K} classes; build the texts from dataset.class_names")
     names = list(segmentor.methods) + ([ORACLE] if oracle else [])
-    fp = _fingerprint({"config": dict(config or {}), "methods": names, "n": total, "no_background": nb,
-                       "per_image": per_image})
+    fp = _fingerprint({"config": dict(config or {}), "segmentor": _segmentor_identity(segmentor), "methods": names,
+                       "n": total, "no_background": nb, "ignore_index": ignore_index, "per_image": per_image})
     cms = {m: ConfusionMatrix(K, ignore_index, nb) for m in names}
     images: Dict[str, List[np.ndarray]] = {m: [] for m in names}
     examples: List[dict] = []
