@@ -233,10 +233,15 @@ def test_resume_after_interruption(dataset, tmp_path):
             raise KeyboardInterrupt
         return images[s:e]
     path = tmp_path / "stats.pt"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(ValueError, match="dataset_id"):                        # no resume key, no checkpoint
         so.collect_second_order(spec, LAYER, flaky, N_IMG, batch_size=3, k=K_TOP, path=path, progress=False)
     calls.clear()
-    resumed = so.collect_second_order(spec, LAYER, flaky, N_IMG, batch_size=3, k=K_TOP, path=path, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        so.collect_second_order(spec, LAYER, flaky, N_IMG, batch_size=3, k=K_TOP, path=path, progress=False,
+                                dataset_id="test images")
+    calls.clear()
+    resumed = so.collect_second_order(spec, LAYER, flaky, N_IMG, batch_size=3, k=K_TOP, path=path, progress=False,
+                                      dataset_id="test images")
     assert calls == [3, 6, 9]                                                  # only the unfinished batches
     for a, b in zip(full.state().values(), resumed.state().values()):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b

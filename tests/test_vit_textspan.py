@@ -109,8 +109,10 @@ def test_mean_ablation_matches_decomposition_and_dense_sum(setup):
 
 def test_collection_resumes_from_parts(tiny_vit64, tmp_path, monkeypatch):
     images = images_for(tiny_vit64, batch=5, seed=6)
+    with pytest.raises(ValueError, match="needs meta"):                   # a function source needs a resume key
+        TS.collect_head_statistics(tiny_vit64, lambda a, b: images[a:b], 5, parts_dir=tmp_path / "p", progress=False)
     first = TS.collect_head_statistics(tiny_vit64, lambda a, b: images[a:b], 5, batch_size=2, progress=False,
-                                       parts_dir=tmp_path / "p")
+                                       parts_dir=tmp_path / "p", meta={"images": "seed 6"})
     assert sorted(p.name for p in (tmp_path / "p").glob("part_*.pt")) == ["part_00000.pt", "part_00001.pt",
                                                                         "part_00002.pt"]
     (tmp_path / "p" / "part_00001.pt").unlink()                          # a run killed after two batches
@@ -118,7 +120,7 @@ def test_collection_resumes_from_parts(tiny_vit64, tmp_path, monkeypatch):
     real = TS._batch_parts
     monkeypatch.setattr(TS, "_batch_parts", lambda *a: calls.append(1) or real(*a))
     again = TS.collect_head_statistics(tiny_vit64, lambda a, b: images[a:b], 5, batch_size=2, progress=False,
-                                       parts_dir=tmp_path / "p")
+                                       parts_dir=tmp_path / "p", meta={"images": "seed 6"})
     assert len(calls) == 1
     assert torch.equal(first.contributions, again.contributions) and torch.equal(first.head_means, again.head_means)
     with pytest.raises(ValueError, match="another run"):

@@ -356,7 +356,7 @@ def collect_second_order(spec, layer: Union[int, Sequence[int]], images: Callabl
             are saved there too. A checkpoint from other settings or weights is ignored and overwritten.
         save_every: batches between checkpoints.
         progress: tqdm bar.
-        dataset_id: a string naming the dataset, part of the checkpoint fingerprint.
+        dataset_id: a string naming the images, part of the checkpoint fingerprint (required with ``path``).
 
     Returns:
         :class:`SecondOrderStats` for an int ``layer``; a dict layer -> SecondOrderStats for a sequence.
@@ -373,6 +373,9 @@ def collect_second_order(spec, layer: Union[int, Sequence[int]], images: Callabl
         raise ValueError(f"k must be between 1 and n_images ({n_images}); got {k}")
     Us = [second_order_directions(spec, lay).to(torch.float64) for lay in layers]
     grams = [_gram(U) for U in Us]
+    if path is not None and not dataset_id:
+        raise ValueError("a checkpoint path needs dataset_id (a string naming the images: dataset, seed, ...): it is "
+                         "part of the resume key that keeps statistics of other images from being reused")
     fp = _fingerprint(Us, layers, k, n_images, batch_size, dataset_id)
     ck = None
     if path is not None and Path(path).is_file():

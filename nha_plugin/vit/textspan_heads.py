@@ -207,9 +207,13 @@ def collect_head_statistics(model: nn.Module, images: ImagesSource, n: Optional[
     starts = list(range(0, total, batch_size))
     parts_path = Path(parts_dir) if parts_dir is not None else None
     if parts_path is not None:
+        if not meta and not isinstance(images, Tensor):
+            raise ValueError("parts_dir needs meta (a description of the images: dataset, seed, ...) when images is "
+                             "a function: it is the resume key that keeps parts of other images out")
         parts_path.mkdir(parents=True, exist_ok=True)
+        data = meta or {"images_sha256": hashlib.sha256(images.detach().cpu().double().numpy().tobytes()).hexdigest()}
         key = {"n": total, "batch_size": batch_size, "layers": layers, "weights": _fingerprint(visual),
-               "meta": meta or {}}
+               "meta": data}
         key_file = parts_path / "key.json"
         if key_file.exists() and json.loads(key_file.read_text()) != json.loads(json.dumps(key)):
             raise ValueError(f"{parts_path} holds parts of another run ({key_file.read_text()[:200]}...); "
