@@ -283,22 +283,22 @@ def self_self_tokens(spec: AttentionPoolSpec, features: Tensor,
     return out[:, 1:]
 
 
-@register_method("maskclip", family="clip", needs_grad=False,
-                 description="MaskCLIP for ResNet: per-token c_proj(v_proj(F_t)) (no q/k, no positional "
-                             "embedding), cosine with the target text direction")
-def maskclip(forward, images, target):
-    spec = _spec(forward)
-    feats = spec.trunk(images)
-    return _cosine_map(maskclip_tokens(spec, feats), _directions(forward, target), feats.shape[-2:])
+def _token_cosine(token_outputs: Callable[[AttentionPoolSpec, Tensor], Tensor]) -> MethodFn:
+    """A method mapping each spatial token's output (B, hw, D) to its cosine with the target direction."""
+    def fn(forward, images, target):
+        spec = _spec(forward)
+        feats = spec.trunk(images)
+        return _cosine_map(token_outputs(spec, feats), _directions(forward, target), feats.shape[-2:])
+    return fn
 
 
-@register_method("self_self", family="clip", needs_grad=False,
-                 description="attention-pool self-self: per head softmax(QQ^T/sqrt d)+softmax(KK^T/sqrt d) over all "
-                             "tokens applied to V, then c_proj; cosine of each spatial token with the target")
-def self_self(forward, images, target):
-    spec = _spec(forward)
-    feats = spec.trunk(images)
-    return _cosine_map(self_self_tokens(spec, feats), _directions(forward, target), feats.shape[-2:])
+register_method("maskclip", family="clip", needs_grad=False,
+                description="MaskCLIP for ResNet: per-token c_proj(v_proj(F_t)) (no q/k, no positional "
+                            "embedding), cosine with the target text direction")(_token_cosine(maskclip_tokens))
+register_method("self_self", family="clip", needs_grad=False,
+                description="attention-pool self-self: per head softmax(QQ^T/sqrt d)+softmax(KK^T/sqrt d) over all "
+                            "tokens applied to V, then c_proj; cosine of each spatial token with the target")(
+    _token_cosine(self_self_tokens))
 
 
 def _cosine_map(out: Tensor, e: Tensor, grid) -> Tensor:
