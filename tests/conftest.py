@@ -167,3 +167,45 @@ def assert_noise_tunnel_keeps_exact_deltas(nad, x, shape) -> None:
                                return_convergence_delta=True)
     assert attr.shape == shape
     assert delta.shape == (9,) and delta.abs().max() < 1e-9
+
+
+def scaled_tol(reference, rel: float = 1e-12) -> float:
+    """An absolute tolerance scaled to the magnitude of ``reference``: results computed in another batch
+    split or thread count round differently in the last bits, so exact equality is not a property."""
+    ref = torch.as_tensor(reference).detach()
+    ref = ref[ref.isfinite()] if ref.is_floating_point() else ref
+    return rel * max(float(ref.abs().max()) if ref.numel() else 0.0, 1e-300)
+
+
+def assert_topk_selection(values, indices, *, dim: int = -1, largest: bool = True, rel: float = 1e-12) -> None:
+    """``indices`` (k per row along ``dim``) pick the k largest (``largest``) or smallest entries of ``values``,
+    in order, up to swaps among entries equal within a tolerance scaled to their magnitude.
+
+    The values at the picked indices must equal the reference's sorted top-k values; so a different index is
+    accepted only where it points at a value indistinguishable from the one it replaces (a near-tie)."""
+    values, indices = torch.as_tensor(values), torch.as_tensor(indices)
+    k = indices.shape[dim]
+    picked = values.gather(dim, indices)
+    ref = values.sort(dim=dim, descending=largest).values.narrow(dim, 0, k)
+    torch.testing.assert_close(picked, ref, rtol=0, atol=scaled_tol(values, rel))
+    srt = indices.sort(dim=dim).values
+    assert not (srt.narrow(dim, 1, k - 1) == srt.narrow(dim, 0, k - 1)).any(), "an index is picked twice"
+
+
+def assert_argmax_agrees(scores, predicted, *, dim: int = 0, rel: float = 1e-9, atol: float = 0.0) -> None:
+    """``predicted`` holds, along ``dim`` of ``scores``, an index whose score equals the maximum within
+    ``atol`` plus a tolerance scaled to the scores' magnitude (the argmax up to near-ties)."""
+    scores, predicted = torch.as_tensor(scores), torch.as_tensor(predicted).long()
+    best = scores.max(dim=dim).values
+    got = scores.gather(dim, predicted.unsqueeze(dim)).squeeze(dim)
+    gap = float((best - got).abs().max())
+    assert gap <= atol + scaled_tol(scores, rel), f"a prediction is not the argmax (score gap {gap:.3g})"
+
+
+def assert_greedy_picks_agree(a, b, *, rtol: float = 1e-10) -> None:
+    """Two TextSpan results (``indices``, ``variances``) pick the same texts, unless a step had two texts tied
+    within rounding: there the variance picked agrees, and later picks are free to diverge."""
+    n = len(a.indices)
+    if not torch.equal(a.indices, b.indices):
+        n = int((a.indices != b.indices).nonzero()[0]) + 1
+    torch.testing.assert_close(a.variances[:n], b.variances[:n], rtol=rtol, atol=scaled_tol(b.variances, rtol))

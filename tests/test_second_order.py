@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_VIT_CFG, images_for, make_tiny_vit
+from conftest import TINY_VIT_CFG, assert_topk_selection, images_for, make_tiny_vit, scaled_tol
 from nha_plugin import vit
 from nha_plugin.applications import second_order_cli as cli
 from nha_plugin.vit import second_order as so
@@ -179,7 +179,7 @@ def test_stats_match_brute_force(dataset):
     norms = (phi - mean).norm(dim=2)                                           # (N, M)
     srt = norms.sort(dim=0, descending=True)
     torch.testing.assert_close(st.top_norms, srt.values[:K_TOP].T, rtol=0, atol=1e-12)
-    assert torch.equal(st.top_index, srt.indices[:K_TOP].T)
+    assert_topk_selection(norms.T, st.top_index)                                 # near-ties may swap
     torch.testing.assert_close(st.threshold, srt.values[K_TOP - 1], rtol=0, atol=1e-12)
     c = torch.stack([so.second_order_coefficients(vit.trace(spec, images[i:i + 1]), LAYER)[0] for i in range(N_IMG)])
     torch.testing.assert_close(st.centred_norms(c, U), norms, rtol=0, atol=1e-10)
@@ -196,8 +196,29 @@ def test_several_layers_share_one_pass(dataset):
                                    progress=False)
     one = so.collect_second_order(spec, 1, lambda s, e: images[s:e], N_IMG, batch_size=4, k=K_TOP, progress=False)
     assert sorted(both) == [0, 1] and both[1].heads == ["L2H0", "L2H1", "L2H2", "L2H3"]
-    for a, b in zip(both[1].state().values(), one.state().values()):
-        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    _assert_same_state(both[1], one)
+
+
+def _assert_same_state(a, b) -> None:
+    """Equal statistics up to rounding (another batch split or thread count rounds differently): moments within
+    a tolerance scaled to their magnitude, the same top-norm values, and top indices that differ only where
+    the norms they point at are equal within that tolerance."""
+    sa, sb = a.state(), b.state()
+    assert sa.keys() == sb.keys()
+    for key, x in sa.items():
+        y = sb[key]
+        if key == "top_index":                                   # (M, k): per neuron, the top images
+            tol = scaled_tol(sa["top_norms"])
+            for row in range(x.shape[0]):
+                na = dict(zip(x[row].tolist(), sa["top_norms"][row].tolist()))
+                nb = dict(zip(y[row].tolist(), sb["top_norms"][row].tolist()))
+                cut = min(sa["top_norms"][row].min(), sb["top_norms"][row].min())
+                for i in na.keys() ^ nb.keys():                      # in one list only: a tie at the cut
+                    assert abs(na.get(i, nb.get(i)) - cut) <= tol, (key, row, i)
+        elif isinstance(x, torch.Tensor):
+            torch.testing.assert_close(y, x, rtol=1e-10, atol=scaled_tol(x), msg=key)
+        else:
+            assert x == y, key
 
 
 def test_pc1_matches_numpy_svd(dataset):
@@ -243,11 +264,11 @@ def test_resume_after_interruption(dataset, tmp_path):
     resumed = so.collect_second_order(spec, LAYER, flaky, N_IMG, batch_size=3, k=K_TOP, path=path, progress=False,
                                       dataset_id="test images")
     assert calls == [3, 6, 9]                                                  # only the unfinished batches
-    for a, b in zip(full.state().values(), resumed.state().values()):
-        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    _assert_same_state(full, resumed)
     calls.clear()
     again = so.SecondOrderStats.load(path)
-    assert torch.equal(again.top_norms, full.top_norms) and not calls
+    _assert_same_state(resumed, again)
+    assert not calls
 
 
 def test_ablations_exact(dataset):

@@ -13,7 +13,7 @@ from nha_plugin.adapters import get_spec
 from nha_plugin.applications import shift as S
 from nha_plugin.applications.shift_cli import main as shift_main
 from nha_plugin.decomposition import pair_directions
-from conftest import images_for
+from conftest import assert_topk_selection, images_for
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -49,12 +49,12 @@ def test_select_units_ranks_pairs_by_signed_pc0_alignment(tiny_case):
     dense = (signs[..., None] * u / u.norm(dim=-1, keepdim=True)) @ t
     assert torch.allclose(S.pair_alignment(spec, t, signs), dense, atol=1e-12)
     units = S.select_units(spec, t, k=7, pair_signs=signs)
-    best = dense.flatten().argsort(descending=True)[:7]
-    assert units.pairs.tolist() == [[int(i) // C, int(i) % C] for i in best]
+    assert units.pairs.shape == (7, 2)
+    assert_topk_selection(dense.flatten(), units.pairs[:, 0] * C + units.pairs[:, 1])
     assert torch.allclose(units.pair_vectors, u[units.pairs[:, 0], units.pairs[:, 1]], atol=1e-12)
     unsigned = S.select_units(spec, t, k=7)                                # None means +1 everywhere
-    assert unsigned.pairs.tolist() == [[int(i) // C, int(i) % C]
-                                       for i in ((u / u.norm(dim=-1, keepdim=True)) @ t).flatten().argsort(descending=True)[:7]]
+    assert_topk_selection(((u / u.norm(dim=-1, keepdim=True)) @ t).flatten(),
+                          unsigned.pairs[:, 0] * C + unsigned.pairs[:, 1])
     with pytest.raises(ValueError, match=r"pair_signs must be \(H, C\)"):
         S.pair_alignment(spec, t, torch.ones(C, H))
 

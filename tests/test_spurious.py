@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from nha_plugin.applications import spurious as S
 from nha_plugin.vit.textspan_heads import (HeadStatistics, head_text_spans, mean_ablated_embeddings, predict)
+from conftest import assert_argmax_agrees
 
 
 def test_group_accuracies_hand_counted():
@@ -113,7 +114,8 @@ def test_probe_matches_scikit_learn():
     # multinomial logits are defined up to a per-image constant
     diff = (ours - ours.mean(1, keepdims=True)) - (theirs - theirs.mean(1, keepdims=True))
     assert np.abs(diff).max() < 1e-4
-    assert torch.equal(predict(x, w, b), torch.as_tensor(ref.predict(((z - mu) / sd).numpy())))
+    # the predictions are sklearn's argmax up to the 1e-4 the logits may differ by (near-ties may flip)
+    assert_argmax_agrees(torch.as_tensor(theirs), predict(x, w, b), dim=1, atol=2e-4)
 
 
 def test_random_sets_are_seeded_and_distinct():

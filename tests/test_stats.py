@@ -8,7 +8,8 @@ import open_clip
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import images_for, randomise_pool_biases, rerandomise_batchnorm
+from conftest import (assert_topk_selection, images_for, randomise_pool_biases, rerandomise_batchnorm,
+                      scaled_tol)
 from torch.utils.data import TensorDataset
 
 import nha_plugin as nha
@@ -71,15 +72,20 @@ def test_top_deviations_match_bruteforce(small, data, k):
     """k=5: the max and min lists are disjoint; k=50 of 70 images: they overlap and are deduplicated."""
     s = data[1].pair_coefficients
     st = collect(small, batches_of(data[0], 16), k=k, progress=False)
+    # s comes from one batch of 70 and the statistics from batches of 16: equal up to rounding, so the
+    # selections are compared by the values they pick (swaps among near-ties allowed)
     dev = (s - s.mean(0)).abs().permute(1, 2, 0)                        # (H, C, N)
-    order = dev.argsort(dim=-1, descending=True, stable=True)[..., :k]
     top = st.top_deviations()
-    assert torch.equal(top.indices, order)
-    torch.testing.assert_close(top.deviations, dev.gather(-1, order), rtol=0, atol=1e-12)
-    torch.testing.assert_close(top.coefficients, s.permute(1, 2, 0).gather(-1, order), rtol=0, atol=0)
+    assert top.indices.shape == (*dev.shape[:2], k)
+    assert_topk_selection(dev, top.indices)
+    tol = scaled_tol(s)
+    torch.testing.assert_close(top.deviations, dev.gather(-1, top.indices), rtol=0, atol=tol)
+    torch.testing.assert_close(top.coefficients, s.permute(1, 2, 0).gather(-1, top.indices), rtol=0, atol=tol)
     srt = s.permute(1, 2, 0).sort(dim=-1, descending=True).values
-    torch.testing.assert_close(st.top_max_values, srt[..., :k], rtol=0, atol=0)
-    torch.testing.assert_close(st.top_min_values, srt.flip(-1)[..., :k], rtol=0, atol=0)
+    torch.testing.assert_close(st.top_max_values, srt[..., :k], rtol=0, atol=tol)
+    torch.testing.assert_close(st.top_min_values, srt.flip(-1)[..., :k], rtol=0, atol=tol)
+    assert_topk_selection(s.permute(1, 2, 0), st.top_max_indices)
+    assert_topk_selection(s.permute(1, 2, 0), st.top_min_indices, largest=False)
 
 
 def test_neuron_pcs_match_svd_of_dense_contributions(data, stats):
@@ -149,11 +155,7 @@ def test_merge_of_halves_equals_whole(small, data, stats):
         a.merge(b)
     a.merge(b, index_offset=a.count)
     assert a.count == stats.count
-    torch.testing.assert_close(a.mean, stats.mean, rtol=0, atol=1e-15)
-    torch.testing.assert_close(a.neuron_comoment, stats.neuron_comoment, rtol=1e-10, atol=1e-20)
-    torch.testing.assert_close(a.head_comoment, stats.head_comoment, rtol=1e-10, atol=1e-20)
-    assert torch.equal(a.top_max_indices, stats.top_max_indices)
-    assert torch.equal(a.top_min_indices, stats.top_min_indices)
+    _assert_same_stats(a, stats, data[1].pair_coefficients)
 
 
 class _Failing:
@@ -172,10 +174,26 @@ class _Failing:
             yield b
 
 
-def _assert_identical(a: DatasetStats, b: DatasetStats) -> None:
+def _assert_same_stats(a: DatasetStats, b: DatasetStats, s: torch.Tensor) -> None:
+    """The same statistics up to rounding: equal counts; moments within a tolerance scaled to their magnitude;
+    top-k lists with the same values, each index pointing at a sample whose coefficient ``s`` (N, H, C) is
+    that value (so indices may differ only among near-tied samples). Runs over other batch splits, another
+    process or another thread count round differently, so bitwise equality is not a property."""
     assert a.count == b.count
+    ref = s.permute(1, 2, 0)                                             # (H, C, N)
+    tol = scaled_tol(s, 1e-11)
     for name, t in a._tensors().items():
-        assert torch.equal(getattr(b, name), t), name
+        got = getattr(b, name)
+        if name.endswith("_indices"):
+            for stat in (a, b):
+                idx = getattr(stat, name)
+                valid = idx >= 0
+                vals = getattr(stat, name.replace("_indices", "_values"))
+                picked = ref.gather(-1, idx.clamp(min=0))
+                torch.testing.assert_close(picked[valid], vals[valid], rtol=0, atol=tol, msg=name)
+            assert torch.equal(t >= 0, got >= 0), name
+        else:
+            torch.testing.assert_close(got, t, rtol=1e-10, atol=scaled_tol(t, 1e-12), msg=name)
 
 
 def test_resume_after_crash_is_identical(tmp_path, small, data):
@@ -188,14 +206,14 @@ def test_resume_after_crash_is_identical(tmp_path, small, data):
     partial = DatasetStats.load(ckpt)
     assert partial.count == 16 and partial.meta["state"]["batches"] == 2   # checkpoint after batch 2, crash at 3
     resumed = collect(small, batches, k=10, checkpoint=ckpt, checkpoint_every=2, resume=True, progress=False)
-    _assert_identical(full, resumed)
+    _assert_same_stats(full, resumed, data[1].pair_coefficients)
     # a finished checkpoint resumes without touching the loader
     again = collect(small, _Failing(batches, fail_after=0), k=10, checkpoint=ckpt, resume=True, progress=False)
-    _assert_identical(full, again)
+    _assert_same_stats(full, again, data[1].pair_coefficients)
     # dataset mode
     ds = TensorDataset(x)
     full_ds = collect(small, ds, batch_size=8, k=10, progress=False)
-    _assert_identical(full, full_ds)
+    _assert_same_stats(full, full_ds, data[1].pair_coefficients)
 
     class Crashing(TensorDataset):
         def __getitem__(self, i):
@@ -207,7 +225,8 @@ def test_resume_after_crash_is_identical(tmp_path, small, data):
     with pytest.raises(RuntimeError, match="simulated crash"):
         collect(small, Crashing(x), batch_size=8, k=10, checkpoint=ckpt2, checkpoint_every=3, progress=False)
     assert DatasetStats.load(ckpt2).count == 24
-    _assert_identical(full, collect(small, ds, batch_size=8, k=10, checkpoint=ckpt2, resume=True, progress=False))
+    resumed_ds = collect(small, ds, batch_size=8, k=10, checkpoint=ckpt2, resume=True, progress=False)
+    _assert_same_stats(full, resumed_ds, data[1].pair_coefficients)
     with pytest.raises(StatsMismatchError, match="another run"):
         collect(small, ds, batch_size=16, k=10, checkpoint=ckpt2, resume=True, progress=False)
 
@@ -244,13 +263,7 @@ def test_two_gloo_processes_match_one(tmp_path, small, data):
     for name in ("index", "stream"):
         two = DatasetStats.load(tmp_path / f"{name}.safetensors")
         assert two.count == one.count == N_IMAGES
-        for key, t in one._tensors().items():
-            got = getattr(two, key)
-            if t.dtype == torch.long:
-                assert torch.equal(got, t), (name, key)
-            else:
-                torch.testing.assert_close(got, t, rtol=1e-10, atol=1e-10 * float(t[t.isfinite()].abs().max()),
-                                           msg=f"{name} {key}")
+        _assert_same_stats(one, two, data[1].pair_coefficients)
 
 
 def test_input_errors(small, data):
