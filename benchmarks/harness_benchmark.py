@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from nha_plugin.harness import cli
+from nha_plugin.cli import benchmark as cli
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -52,7 +52,7 @@ def _row(res: dict, method: str) -> dict:
 
 def pc0_signs(model, n: int, seed: int, progress: bool) -> torch.Tensor:
     """The paper's PC0 sign of every pair (H, C) from :func:`nha_plugin.stats.collect` over n scenes."""
-    from nha_plugin.harness.datasets.scenes import SceneDataset
+    from nha_plugin.scenes import SceneDataset
     from nha_plugin.stats import collect
     from nha_plugin.zoo._scenes_rn import images_to_tensor
     scenes = SceneDataset(n, seed=seed)

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from nha_plugin.applications.shift import write_report
-    from nha_plugin.applications.shift_cli import main as shift_main
+    from nha_plugin.cli.shift import main as shift_main
 
     n, fit, perms = (24, 64, 50) if args.quick else (200, 500, 500)
     work = Path(args.work) / ("quick" if args.quick else "full")
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         return 0
 
     protocol = {"benchmark": "python benchmarks/shift_scenes.py", "model": "scenes-rn (bundled)",
-                "sampler": "nha_plugin.harness.datasets.scenes.years(concept, shares=(0.05, 0.15, 0.3, 0.5), "
+                "sampler": "nha_plugin.scenes.years(concept, shares=(0.05, 0.15, 0.3, 0.5), "
                            f"n_per_group={n}, seed=S)", "concepts": list(CONCEPTS), "seeds": list(SEEDS),
                 "fit": f"SceneDataset({fit}, seed=424242) (generic scenes)", "k": "5 pairs / 5 neurons / 1 head",
                 "mmd_permutations": perms, "commands (WORK = --work folder)": commands,

@@ -127,7 +127,7 @@ def test_sparsity_curves_and_report(tmp_path, setup):
 
 
 def test_cli_stats_then_sparsity_on_scenes_rn(tmp_path):
-    from nha_plugin.applications import stats_cli
+    from nha_plugin.cli import stats as stats_cli
     out = tmp_path / "stats.safetensors"
     assert stats_cli.main(["stats", "--out", str(out), "--n", "12", "--batch-size", "6", "--quiet"]) == 0
     assert out.is_file() and not (tmp_path / "stats.safetensors.partial").exists()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from nha_plugin.applications import adversarial as adv
-from nha_plugin.harness.datasets import scenes
+from nha_plugin import scenes
 from nha_plugin.text import SparseCodes, TextDictionary, prepare_dictionary
 
 

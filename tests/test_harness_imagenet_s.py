@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from nha_plugin.harness.datasets.imagenet_s import load_imagenet_segmentation, resize_centre_crop
+from nha_plugin.datasets.imagenet_s import load_imagenet_segmentation, resize_centre_crop
 
 
 def test_resize_centre_crop_geometry():

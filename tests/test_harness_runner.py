@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nha_plugin.harness import cli
+from nha_plugin.cli import benchmark as cli
 from nha_plugin.harness import methods as HM
 from nha_plugin.harness.runner import BenchItem, BenchmarkConfig, run_benchmark
 from nha_plugin.readout import LinearReadout

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nha_plugin.harness.datasets.pascal_context import CONTEXT59_CLASSES, PascalContext59
+from nha_plugin.datasets.pascal_context import CONTEXT59_CLASSES, PascalContext59
 
 IDS = ["2008_000008", "2008_000021", "2010_001234"]
 SIZES = [(150, 200), (200, 130), (96, 96)]      # (H, W)
@@ -70,7 +70,7 @@ def test_rejects_full_459_class_labels_and_rgb_labels(tmp_path):
 
 
 def test_segment_cli_on_pascal_context_ignores_background(tmp_path):
-    from nha_plugin.applications.segment_cli import main
+    from nha_plugin.cli.segment import main
     _tree(tmp_path / "data")
     out = tmp_path / "out"
     assert main(["--dataset", "pascal-context", "--root", str(tmp_path / "data"), "--templates", "photo",

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from nha_plugin.harness.datasets import scenes as S
+from nha_plugin import scenes as S
+from nha_plugin.scenes import generator as G
+from nha_plugin.scenes import objects as O
 
 
 def _same(a: S.Scene, b: S.Scene) -> bool:
@@ -22,10 +24,10 @@ def test_vocabulary_sizes():
 
 def test_photos_and_textures_load_offline():
     for c in S.CATEGORIES:
-        photo = S._photo(c)
+        photo = G._photo(c)
         assert photo.ndim == 3 and photo.shape[2] == 3 and min(photo.shape[:2]) >= 200
     for t in S.TEXTURE_BACKGROUNDS:
-        assert S._texture(t).shape == (512, 512, 3)
+        assert G._texture(t).shape == (512, 512, 3)
 
 
 def test_determinism():
@@ -60,20 +62,20 @@ def test_shape_mask_is_exact(shape):
         # exactly the pixels painted in the object's colour
         painted = np.all(sc.image == np.asarray(obj.rgb, np.uint8), axis=-1)
         assert np.array_equal(obj.mask, painted)
-        assert obj.mask.sum() == S._shape_mask(shape, S.SIZE_HALF_EXTENT[obj.size]).sum()
+        assert obj.mask.sum() == G._shape_mask(shape, O.SIZE_HALF_EXTENT[obj.size]).sum()
         rows, cols = np.nonzero(obj.mask)
         assert obj.box == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
         # the mask sits at its nominal position (within the jitter plus a shape's asymmetry)
-        cy, cx = S.POSITION_CENTRES[obj.position]
-        assert abs(rows.mean() - cy) <= S._JITTER + 0.25 * S.SIZE_HALF_EXTENT[obj.size]
-        assert abs(cols.mean() - cx) <= S._JITTER + 1
+        cy, cx = O.POSITION_CENTRES[obj.position]
+        assert abs(rows.mean() - cy) <= O.POSITION_JITTER + 0.25 * O.SIZE_HALF_EXTENT[obj.size]
+        assert abs(cols.mean() - cx) <= O.POSITION_JITTER + 1
 
 
 def test_photo_tile_mask_is_exact():
     for i, cat in enumerate(S.CATEGORIES):
         sc = S.generate_scene((3, i), objects=[{"category": cat, "size": "large"}], n_objects=1, background="grass")
         (obj,) = sc.objects
-        tile = S._photo_tile(cat, S.SIZE_HALF_EXTENT["large"])
+        tile = G._photo_tile(cat, O.SIZE_HALF_EXTENT["large"])
         assert obj.kind == "photo" and obj.mask.sum() == tile.shape[0] * tile.shape[1]
         x0, y0, x1, y1 = obj.box
         assert (y1 - y0, x1 - x0) == tile.shape[:2]

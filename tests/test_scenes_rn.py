@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nha_plugin.harness.datasets import scenes as S
+from nha_plugin import scenes as S
 from nha_plugin.zoo import _scenes_rn as Z
 from nha_plugin.zoo import train_scenes_rn as T
 

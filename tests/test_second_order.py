@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import TINY_VIT_CFG, assert_topk_selection, images_for, make_tiny_vit, scaled_tol
 from nha_plugin import vit
-from nha_plugin.applications import second_order_cli as cli
+from nha_plugin.cli import neurons as cli
 from nha_plugin.vit import second_order as so
 
 

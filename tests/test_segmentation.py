@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import nha_plugin as nha
 from nha_plugin.applications import segmentation as S
-from nha_plugin.applications.segment_cli import main as segment_main
+from nha_plugin.cli.segment import main as segment_main
 
 from conftest import assert_argmax_agrees, images_for, make_tiny
 
@@ -273,7 +273,7 @@ def test_class_embeddings_average_then_centre(tiny):
 
 @pytest.mark.parametrize("background", ["classes", "ignore"])
 def test_scene_labels_follow_the_exact_masks(background):
-    from nha_plugin.harness.datasets.scenes import SceneDataset
+    from nha_plugin.scenes import SceneDataset
     ds = S.SceneSegmentation(3, seed=5, background=background)
     assert len(ds.class_names) == (16 if background == "classes" else 10)
     for i in range(3):
@@ -370,8 +370,8 @@ def test_segment_cli_writes_results(tmp_path, capsys):
 
 
 def test_segment_cli_orients_pairs_with_dataset_pc0_signs(scenes_rn, tmp_path):
-    from nha_plugin.applications import segment_cli
-    from nha_plugin.harness.datasets.scenes import SceneDataset
+    from nha_plugin.cli import segment as segment_cli
+    from nha_plugin.scenes import SceneDataset
     from nha_plugin.stats import collect
     from nha_plugin.zoo._scenes_rn import images_to_tensor
     model = scenes_rn[0]

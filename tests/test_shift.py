@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import nha_plugin as nha
 from nha_plugin.adapters import get_spec
 from nha_plugin.applications import shift as S
-from nha_plugin.applications.shift_cli import main as shift_main
+from nha_plugin.cli.shift import main as shift_main
 from nha_plugin.decomposition import pair_directions
 from conftest import assert_topk_selection, images_for
 
@@ -196,7 +196,7 @@ def scenes_rn():
 
 
 def test_run_monitor_on_planted_years(scenes_rn):
-    from nha_plugin.harness.datasets.scenes import years
+    from nha_plugin.scenes import years
     model, preprocess, tokenizer = scenes_rn
     sampler = years(("colour", "yellow"), shares=(0.0, 0.25, 0.75), n_per_group=12, seed=4)
     data = S.ShiftData.from_sampler(sampler, "yellow")

@@ -127,7 +127,7 @@ def test_random_sets_are_seeded_and_distinct():
 
 
 def test_scene_description_pool_is_single_concept():
-    from nha_plugin.harness.datasets.scenes import BACKGROUNDS, CATEGORIES
+    from nha_plugin.scenes import BACKGROUNDS, CATEGORIES
     pool = S.scene_description_pool()
     assert len(pool) == len(set(pool))
     for t in pool:
@@ -152,7 +152,7 @@ def tiny_loader(monkeypatch):
 def test_spurious_cli_on_scenes_writes_consistent_files(tiny_loader, tmp_path):
     import json
 
-    from nha_plugin.applications import vit_cli
+    from nha_plugin.cli import vit as vit_cli
     out = tmp_path / "sp.json"
     rc = vit_cli.main(["spurious", "--model", "scenes-vit", "--n-train", "12", "--n-test", "12", "--n-textspan", "12",
                        "--m", "4", "--batch-size", "6", "--out", str(out), "--quiet",
@@ -178,7 +178,7 @@ def test_waterbirds_experiment_on_a_fake_tree(tiny_loader, tmp_path):
 
     from PIL import Image
 
-    from nha_plugin.applications import vit_cli
+    from nha_plugin.cli import vit as vit_cli
     rng = np.random.default_rng(0)
     lines = ["img_id,img_filename,y,split,place,place_filename"]
     for i in range(16):

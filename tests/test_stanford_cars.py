@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nha_plugin.harness.datasets.stanford_cars import StanfordCars, model_year, read_colour_labels
+from nha_plugin.datasets.stanford_cars import StanfordCars, model_year, read_colour_labels
 
 scipy_io = pytest.importorskip("scipy.io")
 

@@ -281,8 +281,8 @@ def test_input_errors(small, data):
 def test_cli_stats_on_a_folder(tmp_path):
     from PIL import Image
 
-    from nha_plugin.applications import stats_cli
-    from nha_plugin.harness.datasets.scenes import SceneDataset
+    from nha_plugin.cli import stats as stats_cli
+    from nha_plugin.scenes import SceneDataset
     folder = tmp_path / "imgs"
     folder.mkdir()
     scenes = SceneDataset(5, seed=7300)

@@ -108,7 +108,7 @@ def test_all_pairs_json_parquet_and_resume(spec, tmp_path, monkeypatch):
 
 
 def test_cli_describe(tiny, tmp_path, monkeypatch, capsys):
-    from nha_plugin.text import cli
+    from nha_plugin.cli import describe as cli
     monkeypatch.setattr(nha, "load_clip", lambda *a, **k: (tiny, None, open_clip.get_tokenizer("RN50")))
     pool = tmp_path / "words.txt"
     pool.write_text("\n".join(text.common_words(300)))

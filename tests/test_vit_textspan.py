@@ -136,7 +136,7 @@ def test_textspan_cli(monkeypatch, tmp_path, tiny_vit64):
     import open_clip
 
     import nha_plugin
-    from nha_plugin.applications import vit_cli
+    from nha_plugin.cli import vit as vit_cli
     monkeypatch.setattr(nha_plugin, "load_clip",
                         lambda *a, **k: (tiny_vit64, None, open_clip.tokenizer.SimpleTokenizer()))
     out = tmp_path / "ts.json"

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nha_plugin.harness.datasets.waterbirds import GROUP_NAMES, WaterbirdsDataset
+from nha_plugin.datasets.waterbirds import GROUP_NAMES, WaterbirdsDataset
 
 # (img_id, y, split, place): ids chosen so every split and group is exercised, with uneven counts
 ROWS = [(1, 0, 0, 0), (2, 0, 0, 0), (3, 1, 0, 1), (4, 1, 1, 0), (5, 0, 2, 1), (6, 1, 2, 1), (7, 1, 2, 0),

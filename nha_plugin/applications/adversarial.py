@@ -12,7 +12,7 @@ them with a text-to-image model. The selection step is exact here, the generator
    ``sum_n alignment_n * coefficient_{n,word}`` over those neurons (a word written *against* the direction of
    an aligned neuron counts negatively); words with a positive score are ranked by it, class names excluded.
 3. An :class:`ImageGenerator` turns words into images. :class:`CompositingGenerator` works offline: it pastes
-   planted-scene objects (rendered by :func:`nha_plugin.harness.datasets.scenes.generate_scene`, exact masks)
+   planted-scene objects (rendered by :func:`nha_plugin.scenes.generate_scene`, exact masks)
    named by the words into an image, or puts a kept object onto a background a word names.
 4. :func:`flip_rates`: how often a classifier's correct decision flips (to the wrong class: targeted; to any
    other class: untargeted) on the generated images; run the same with random renderable words as control.
@@ -141,7 +141,7 @@ class CompositingGenerator:
     """
 
     def __init__(self, max_objects: int = 2, size: str = "medium", avoid: Sequence[str] = ()):
-        from ..harness.datasets import scenes
+        from .. import scenes
         if size not in scenes.SIZES:
             raise ValueError(f"size must be one of {scenes.SIZES}; got {size!r}")
         self.max_objects, self.size, self.avoid = int(max_objects), size, set(avoid)
@@ -181,7 +181,7 @@ class CompositingGenerator:
             if word in s.BACKGROUNDS:
                 if not keep.any() or word in used:
                     continue
-                bg = s._background(word, rng)       # the scene renderer's own background painter
+                bg = s.render_background(word, rng)       # the scene renderer's own background painter
                 outside = ~occupied
                 image[outside] = bg[outside]
                 used.append(word)

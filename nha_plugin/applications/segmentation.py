@@ -27,7 +27,7 @@ self-self attention, neurons-only, heads-only, and the floor "global" (each crop
 Evaluation: :class:`ConfusionMatrix` accumulates mIoU / pixAcc over a dataset with an ignore index and the
 PASCAL Context-59 "no background" convention; :func:`evaluate` runs a :class:`Segmentor` over a dataset (resumable).
 Datasets: :class:`SceneSegmentation` (generated scenes with exact masks) and
-:class:`nha_plugin.harness.datasets.pascal_context.PascalContext59`.
+:class:`nha_plugin.datasets.pascal_context.PascalContext59`.
 
 Example::
 
@@ -572,9 +572,9 @@ def bootstrap_miou(per_image: np.ndarray, n_boot: int = 1000, seed: int = 0) -> 
 def scene_prompts(names: Sequence[str], background: Sequence[str] = ()) -> Dict[str, List[str]]:
     """The caption forms ``scenes-rn`` was trained on: objects as "star", "a star", "a photo of a star", ...,
     backgrounds as "something on grass", "a grass background", ... (from the scene generator)."""
-    from ..harness.datasets.scenes import _BACKGROUND_TEMPLATES, _SINGLE_TEMPLATES, _single_caption
-    out = {n: [_single_caption(n, t) for t in _SINGLE_TEMPLATES] for n in names}
-    out.update({b: [t.format(b) for t in _BACKGROUND_TEMPLATES] for b in background})
+    from ..scenes import BACKGROUND_TEMPLATES, SINGLE_TEMPLATES, single_caption
+    out = {n: [single_caption(n, t) for t in SINGLE_TEMPLATES] for n in names}
+    out.update({b: [t.format(b) for t in BACKGROUND_TEMPLATES] for b in background})
     return out
 
 
@@ -594,7 +594,7 @@ class SceneSegmentation:
     """
 
     def __init__(self, n: int, seed: int = 20_000, background: str = "classes", **scene_kwargs):
-        from ..harness.datasets.scenes import BACKGROUNDS, CATEGORIES, SHAPES, SceneDataset
+        from ..scenes import BACKGROUNDS, CATEGORIES, SHAPES, SceneDataset
         if background not in ("classes", "ignore"):
             raise ValueError(f"background must be 'classes' or 'ignore'; got {background!r}")
         self.scenes = SceneDataset(n, seed=seed, **scene_kwargs)

@@ -32,7 +32,7 @@ Example::
 
     import nha_plugin as nha
     from nha_plugin.applications import shift
-    from nha_plugin.harness.datasets.scenes import years
+    from nha_plugin.scenes import years
     model, preprocess, tokenizer = nha.load_clip("scenes-rn")
     sampler = years(("colour", "yellow"), shares=(0.05, 0.15, 0.3, 0.5), n_per_group=100, seed=0)
     data = shift.ShiftData.from_sampler(sampler, concept="yellow")
@@ -591,7 +591,7 @@ class ShiftData:
         a fit set for signs and PC0s independent of the monitored groups (as the paper fits on ImageNet)."""
         from PIL import Image
 
-        from ..harness.datasets.scenes import SceneDataset
+        from ..scenes import SceneDataset
 
         scenes = SceneDataset(n, seed=seed)
         return cls(groups=np.zeros(n, dtype=int), presence={}, load=lambda k: Image.fromarray(scenes[k].image),
@@ -599,7 +599,7 @@ class ShiftData:
 
     @classmethod
     def from_sampler(cls, sampler, concept: str) -> "ShiftData":
-        """All scenes of a :class:`~nha_plugin.harness.datasets.scenes.ShiftSampler`; presence = the planted
+        """All scenes of a :class:`~nha_plugin.scenes.ShiftSampler`; presence = the planted
         concept (``scene.meta["has_concept"]``, exact)."""
         from PIL import Image
 

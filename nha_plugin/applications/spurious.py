@@ -227,8 +227,8 @@ def scene_description_pool() -> List[str]:
     """Single-concept descriptions from the scene generator's vocabulary: object phrases (colour, shape,
     colour + shape, photo categories, sizes, positions) and background phrases (its caption templates), so
     each text is about either an object or a setting."""
-    from ..harness.datasets import scenes as S
-    a = S._article
+    from .. import scenes as S
+    a = S.article
     texts = []
     for cat in S.CATEGORIES:
         texts += [cat, f"a photo of {a(cat)}", f"a picture of {a(cat)}"]
@@ -241,9 +241,9 @@ def scene_description_pool() -> List[str]:
     for size in S.SIZES:
         texts += [f"a {size} object"]
     for pos in S.POSITIONS:
-        texts += [f"an object {S._position_phrase(pos)}"]
+        texts += [f"an object {S.position_phrase(pos)}"]
     for bg in S.BACKGROUNDS:
-        texts += [t.format(bg) for t in S._BACKGROUND_TEMPLATES]
+        texts += [t.format(bg) for t in S.BACKGROUND_TEMPLATES]
     return _dedupe(texts)
 
 
@@ -316,14 +316,14 @@ def scenes_experiment(model, tokenizer, *, preprocess: Optional[Callable] = None
     """The planted-correlation experiment on generated scenes (see the module docstring).
 
     Image sets (disjoint seeds): TextSpan on ``n_textspan`` generic scenes (every background); a biased training
-    set of ``n_train`` :class:`~nha_plugin.harness.datasets.scenes.SpuriousSampler` scenes per strength in
+    set of ``n_train`` :class:`~nha_plugin.scenes.SpuriousSampler` scenes per strength in
     ``train_strengths`` (the share aligned; one probe each, ablated with its own set's means); a test set of
     ``n_test`` scenes with no correlation (strength ``1/len(labels)``).
 
     Returns a JSON-ready dict: protocol, the selected heads and every head's place score and texts, and per
     read-out the :func:`spurious_removal` result (plus the probe's training accuracy).
     """
-    from ..harness.datasets.scenes import BACKGROUNDS, SceneDataset, SpuriousSampler
+    from ..scenes import BACKGROUNDS, SceneDataset, SpuriousSampler
     from ..text.cache import embed_texts
     from ..vit.textspan_heads import collect_head_statistics, head_text_spans
 
@@ -382,7 +382,7 @@ def scenes_experiment(model, tokenizer, *, preprocess: Optional[Callable] = None
                                 min_relative_variance, max_heads, n_random, n_sets, ablate_early, m)
     protocol["textspan"]["seed"] = seed + 7_000_001
     protocol.update({
-        "dataset": "generated scenes (nha_plugin.harness.datasets.scenes)", "labels": list(labels),
+        "dataset": "generated scenes (nha_plugin.scenes)", "labels": list(labels),
         "backgrounds": list(backgrounds), "attribute": attribute,
         "train": {"n": n_train, "aligned_shares": [a for _, a in trains], "seed": seed + 7_000_002,
                   "zero-shot ablation means": f"the training set with strength {strengths[0]:g}"},
@@ -406,7 +406,7 @@ def waterbirds_experiment(model, tokenizer, root: str, *, preprocess: Optional[C
     ablation values), place heads by keyword, zero-shot read-out ("a photo of a landbird." / "waterbird."), and
     worst-group accuracy over the 4 (bird x place) groups of the test split (``n_test`` seeded subset; all by
     default)."""
-    from ..harness.datasets.waterbirds import CLASS_NAMES, GROUP_NAMES, PLACE_KEYWORDS, WaterbirdsDataset
+    from ..datasets.waterbirds import CLASS_NAMES, GROUP_NAMES, PLACE_KEYWORDS, WaterbirdsDataset
     from ..text.cache import embed_texts
     from ..vit.textspan_heads import collect_head_statistics, head_text_spans
 

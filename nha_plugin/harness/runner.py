@@ -91,7 +91,7 @@ def load_benchmark_data(dataset: str, n: int, seed: int, path: Optional[str] = N
         from .datasets.scenes import CATEGORIES, SHAPES, SceneDataset
         if dataset == "scenes":
             ds, classes = SceneDataset(n, seed=seed), list(SHAPES) + list(CATEGORIES)
-            desc = f"generated scenes (nha_plugin.harness.datasets.scenes), seed {seed} (held out), {n} images"
+            desc = f"generated scenes (nha_plugin.scenes), seed {seed} (held out), {n} images"
         else:
             from .datasets.photos import CLASS_NAMES, PhotoCompositeDataset
             ds, classes = PhotoCompositeDataset(n, seed=seed), list(CLASS_NAMES)

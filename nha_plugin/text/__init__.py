@@ -30,7 +30,7 @@ Modules, one job each:
   :func:`head_text_span` runs TextSpan on an attention-pool head's contributions over a dataset.
 - :mod:`~nha_plugin.text.groundtruth`: the planted-concept check on ``scenes-rn`` (pairs selected from scene
   data, without text, described by their concept's word; random pairs as the control).
-- :mod:`~nha_plugin.text.cli`: ``nha describe``.
+- :mod:`~nha_plugin.cli.describe`: ``nha describe``.
 """
 from .cache import embed_texts
 from .describe import (TextDictionary, build_dictionary, collect_coefficients, describe, describe_all_pairs,

@@ -38,7 +38,7 @@ SYNONYMS = {
 
 
 def planted_concepts() -> list[str]:
-    from ..harness.datasets.scenes import CATEGORIES, COLOURS, SHAPES
+    from ..scenes import CATEGORIES, COLOURS, SHAPES
     return [*COLOURS, *SHAPES, *CATEGORIES]
 
 
@@ -115,7 +115,7 @@ def planted_hit_rate(model: nn.Module, tokenizer: Callable, dictionary: Optional
 def scene_statistics(model: nn.Module, n: int = 300, seed: int = 777, batch: int = 50):
     """Pair coefficients s (n, H, C) of ``n`` generated scenes (seed never used in training) and the planted
     concepts present in each: a bool matrix (n, len(planted_concepts()))."""
-    from ..harness.datasets.scenes import SceneDataset
+    from ..scenes import SceneDataset
     from ..models import decompose
     from ..zoo._scenes_rn import images_to_tensor
     concepts = planted_concepts()

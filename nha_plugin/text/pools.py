@@ -73,7 +73,7 @@ def imagenet_templates() -> list[str]:
 
 def scenes_vocabulary() -> list[str]:
     """The concepts planted in ``scenes-rn``: colours, shapes, categories, backgrounds."""
-    from ..harness.datasets.scenes import BACKGROUNDS, CATEGORIES, COLOURS, SHAPES
+    from ..scenes import BACKGROUNDS, CATEGORIES, COLOURS, SHAPES
     return _dedupe([*COLOURS, *SHAPES, *CATEGORIES, *BACKGROUNDS])
 
 

@@ -1,6 +1,6 @@
 """Train a bundled planted-concept CLIP (``scenes-rn``, ``scenes-vit``) contrastively on generated scenes (seeded, resumable).
 
-Batch ``s`` holds scenes ``(seed, s * batch_size + b)`` of :mod:`nha_plugin.harness.datasets.scenes` and
+Batch ``s`` holds scenes ``(seed, s * batch_size + b)`` of :mod:`nha_plugin.scenes` and
 one caption per scene drawn with ``default_rng((seed, 1, s))``, so a run is a pure function of its
 arguments, and a resumed run sees exactly the batches an uninterrupted one would. Captions can be true of
 several scenes of a batch ("a red object"); the loss therefore treats every caption whose facts hold
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nha_plugin.harness.datasets import scenes as S
+from nha_plugin import scenes as S
 from nha_plugin.zoo._zoo import MODELS, build_model, images_to_tensor, load_zoo_model, weights_path, zoo_config
 
 TRAIN_SEED = 0
@@ -120,8 +120,8 @@ def _object_spec(obj: S.SceneObject) -> Dict[str, str]:
 
 
 def _shape_caption(obj: S.SceneObject, rng: np.random.Generator):
-    phrase, constraint = S._object_phrase(obj, str(rng.choice(["name", "full"])))
-    return S._single_caption(phrase, str(rng.choice(S._SINGLE_TEMPLATES))), ((constraint,), None)
+    phrase, constraint = S.object_phrase(obj, str(rng.choice(["name", "full"])))
+    return S.single_caption(phrase, str(rng.choice(S.SINGLE_TEMPLATES))), ((constraint,), None)
 
 
 def make_batch(step: int, batch_size: int, seed: int, tokenizer, twins: float = 0.5, shape_captions: float = 0.5,

@@ -63,8 +63,8 @@ def _coefficients(args, model, preprocess):
         from PIL import Image
         from tqdm.auto import tqdm
 
-        from ..harness.datasets.scenes import SceneDataset
-        from .describe import collect_coefficients
+        from ..scenes import SceneDataset
+        from ..text.describe import collect_coefficients
         scenes = SceneDataset(args.scenes, seed=424242)
         dtype = next(model.parameters()).dtype
 
@@ -86,7 +86,7 @@ def run(args) -> int:
     """Execute a parsed ``describe`` command."""
     import nha_plugin as nha
     from ..adapters import get_spec
-    from .describe import (build_dictionary, describe_all_pairs, describe_units, head_text_span, parse_unit,
+    from ..text.describe import (build_dictionary, describe_all_pairs, describe_units, head_text_span, parse_unit,
                            subconcepts)
 
     if not args.all and not args.unit:
@@ -141,7 +141,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry point: ``python -m nha_plugin.text.cli describe ...``."""
+    """Stand-alone entry point: ``python -m nha_plugin.cli.describe describe ...``."""
     parser = argparse.ArgumentParser(prog="nha")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)

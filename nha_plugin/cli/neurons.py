@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._cli_common import standalone_main
+from .common import standalone_main
 
 __all__ = ["add_parser", "run", "main", "ACTIONS", "segmentation_counts_fixed", "evaluate_ablation",
            "select_segmentation_neurons", "evaluate_segmentation", "run_adversarial", "STATS_SEED", "EVAL_SEED"]
@@ -106,13 +106,13 @@ def _classes(which: str) -> List[str]:
         return imagenet_classes()
     if which != "scenes":
         raise SystemExit(f"nha neurons: --classes must be scenes or imagenet; got {which!r}")
-    from ..harness.datasets.scenes import CATEGORIES, SHAPES
+    from ..scenes import CATEGORIES, SHAPES
     return [*SHAPES, *CATEGORIES]
 
 
 def _eval_set(n: int, classes: Sequence[str]):
     """Single-object held-out scenes: images (N, 224, 224, 3), labels (N,), masks (N, 224, 224)."""
-    from ..harness.datasets.scenes import SceneDataset
+    from ..scenes import SceneDataset
     scenes = list(SceneDataset(n, seed=EVAL_SEED, n_objects=1))
     images = np.stack([s.image for s in scenes])
     labels = np.array([classes.index(s.objects[0].name) for s in scenes])
@@ -122,7 +122,7 @@ def _eval_set(n: int, classes: Sequence[str]):
 
 def _layer_stats(spec, layers: Sequence[int], args) -> dict:
     """layer -> SecondOrderStats on the statistics scenes, all layers from one pass (cached, resumable)."""
-    from ..harness.datasets.scenes import SceneDataset
+    from ..scenes import SceneDataset
     from ..vit.second_order import collect_second_order
     layers = sorted(set(layers))
     scenes = SceneDataset(args.n_images, seed=STATS_SEED)
@@ -319,7 +319,7 @@ def run_adversarial(spec, pcs: Dict[int, torch.Tensor], codes: Dict[int, object]
     renderable words (class names excluded in both). Returns flip rates for both and example word lists.
     """
     from ..vit import trace as vit_trace
-    from .adversarial import CompositingGenerator, flip_rates, select_adversarial_words
+    from ..applications.adversarial import CompositingGenerator, flip_rates, select_adversarial_words
 
     @torch.no_grad()
     def logits_of(ims):
@@ -367,7 +367,7 @@ def run_adversarial(spec, pcs: Dict[int, torch.Tensor], codes: Dict[int, object]
 def _describe(spec, stats, layer, args, model, tokenizer) -> dict:
     from ..text.describe import build_dictionary
     from ..vit.second_order import second_order_directions
-    from .adversarial import describe_neurons
+    from ..applications.adversarial import describe_neurons
     U = second_order_directions(spec, layer).double()
     fit = stats.pc1(U)
     words = build_dictionary(model, tokenizer, args.pool, args.templates, cache_dir=None, progress=not args.quiet)
@@ -523,7 +523,7 @@ def run(args) -> int:
             pcs[lay] = all_stats[lay].pc1(second_order_directions(spec, lay).double())["pc1"]
     if act in ("segment", "all"):
         if args.imagenet_seg:
-            from ..harness.datasets.imagenet_s import load_imagenet_segmentation
+            from ..datasets.imagenet_s import load_imagenet_segmentation
             seg_images, seg_masks = load_imagenet_segmentation(args.imagenet_seg, n=args.eval_images,
                                                                size=int(spec.image_size[0]))
             dataset = f"ImageNet-Segmentation ({len(seg_images)} images)"
@@ -542,7 +542,7 @@ def run(args) -> int:
             print(json.dumps(result["segmentation"], indent=1))
     if act in ("adversarial", "all"):
         from ..text.describe import build_dictionary
-        from .adversarial import describe_neurons
+        from ..applications.adversarial import describe_neurons
         words = build_dictionary(model, tokenizer, args.pool, args.templates, progress=not args.quiet)
         codes = {lay: describe_neurons(pc, words, k=args.omp_k)[0] for lay, pc in pcs.items()}
         result["adversarial"] = {"layers": seg_layers, **run_adversarial(
@@ -560,7 +560,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry point: ``python -m nha_plugin.applications.second_order_cli neurons ...``."""
+    """Stand-alone entry point: ``python -m nha_plugin.cli.neurons neurons ...``."""
     return standalone_main(add_parser, run, argv, record_as="command_line")
 
 

@@ -2,13 +2,13 @@
 
     nha stats --out stats.safetensors --n 512 --batch-size 32 --resume          # held-out scenes, scenes-rn
     nha stats --model RN50 --images DIR --out rn50_stats.safetensors            # a folder of images
-    torchrun --nproc_per_node 2 -m nha_plugin.applications.stats_cli stats --num-images 512 --out s.safetensors
+    torchrun --nproc_per_node 2 -m nha_plugin.cli.stats stats --num-images 512 --out s.safetensors
                                                   # sharded, merged exactly (gloo; NCCL with --device cuda)
     nha sparsity --stats stats.safetensors --task colour,shape,background \\
         --fractions 0.01,0.05,0.1,0.2,0.5,1 --out sparsity_out                  # JSON + Markdown + PNG
 
 Wire into ``nha`` with ``add_parser(subparsers)`` (adds both sub-commands) and dispatch ``run(args)``; also
-runnable alone: ``python -m nha_plugin.applications.stats_cli stats|sparsity ...``.
+runnable alone: ``python -m nha_plugin.cli.stats stats|sparsity ...``.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def scene_tasks(n: int, seed: int, tasks: Sequence[str] = TASKS) -> dict:
     colour: 1-shape scenes, 6 colours, "a photo of a {colour} object"; shape: 1-shape scenes, 5 shapes,
     "a photo of a {shape}"; background: 1-3 objects, 6 backgrounds, "a photo of something on {background}".
     Seeds: ``seed``, ``seed + 1``, ``seed + 2`` (the prompts are those the model was evaluated with)."""
-    from ..harness.datasets import scenes as S
+    from .. import scenes as S
     from ..zoo.train_scenes_rn import prompt_sets
     prompts = prompt_sets()
     table = {
@@ -203,7 +203,7 @@ def _run_stats(args: argparse.Namespace) -> int:
             raise SystemExit(f"nha stats: {err}") from err
         source = f"folder {args.images} ({len(data)} images)"
     elif args.model == "scenes-rn":
-        from ..harness.datasets.scenes import SceneDataset
+        from ..scenes import SceneDataset
         data = SceneImages(SceneDataset(args.n, seed=args.seed), preprocess)
         source = f"generated scenes SceneDataset({args.n}, seed={args.seed})"
     else:
@@ -241,7 +241,7 @@ def run_sparsity(args: argparse.Namespace) -> int:
     from ..adapters import get_spec
     from ..readout import ZeroShotClassifier
     from ..stats import DatasetStats
-    from . import ablation as A
+    from ..applications import ablation as A
     if args.model != "scenes-rn":
         raise SystemExit("nha sparsity: the tasks are the planted scene concepts, which only scenes-rn knows; "
                          "use nha_plugin.applications.ablation.sparsity_curves with your own labels")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ._cli_common import standalone_main
+from .common import standalone_main
 
 __all__ = ["add_parser", "run", "main", "textspan_report", "default_pool"]
 
@@ -99,7 +99,7 @@ def default_pool(model_name: str, pool: Optional[str]):
     """(texts, description): the scene descriptions for ``scenes-*`` models, else :func:`text.get_pool`."""
     from ..text.pools import get_pool
     if pool is None and model_name.startswith("scenes-"):
-        from .spurious import scene_description_pool
+        from ..applications.spurious import scene_description_pool
         texts = scene_description_pool()
         return texts, f"{len(texts)} single-concept scene descriptions (no templates)"
     spec = pool or "words"
@@ -163,12 +163,12 @@ def textspan_report(model, tokenizer, *, preprocess=None, dataset: str = "scenes
 
     from ..text.cache import embed_texts
     from ..vit.textspan_heads import collect_head_statistics, head_text_spans, reconstruction_report
-    from .spurious import _class_directions, _image_size, _scenes_tensor
+    from ..applications.spurious import _class_directions, _image_size, _scenes_tensor
 
     param = next(model.parameters())
     size = _image_size(model)
     if dataset == "scenes":
-        from ..harness.datasets.scenes import CATEGORIES, SHAPES, SceneDataset
+        from ..scenes import CATEGORIES, SHAPES, SceneDataset
         classes = list(SHAPES) + list(CATEGORIES)
         scenes = SceneDataset(n, seed=seed + 8_000_001)
         labels = [classes.index(max(scenes[i].objects, key=lambda o: int(o.mask.sum())).name) for i in range(n)]
@@ -178,7 +178,7 @@ def textspan_report(model, tokenizer, *, preprocess=None, dataset: str = "scenes
                                   preprocess)
         data_desc = f"{n} generated scenes (seed {seed + 8_000_001}); label = class of the largest object"
     elif dataset == "waterbirds":
-        from ..harness.datasets.waterbirds import CLASS_NAMES, WaterbirdsDataset
+        from ..datasets.waterbirds import CLASS_NAMES, WaterbirdsDataset
         if not path:
             raise ValueError("--dataset waterbirds needs --path to the Waterbirds folder (holding metadata.csv)")
         ds = WaterbirdsDataset(path, split, size=size)
@@ -304,7 +304,7 @@ def _spurious_plot(res: dict, path: Path, title: str) -> None:
 
 
 def _run_spurious(args) -> int:
-    from . import spurious
+    from ..applications import spurious
     model, preprocess, tokenizer = _load(args)
     common = dict(preprocess=preprocess, layers=args.layers, m=args.m, rank=args.rank, threshold=args.threshold,
                   min_relative_variance=args.min_relative_variance, max_heads=args.max_heads, keywords=args.keywords,
@@ -353,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry point: ``python -m nha_plugin.applications.vit_cli textspan|spurious ...``."""
+    """Stand-alone entry point: ``python -m nha_plugin.cli.vit textspan|spurious ...``."""
     return standalone_main(add_parser, run, argv)
 
 

@@ -1,7 +1,7 @@
 """``nha benchmark``: score NAD against Captum, zennit and CLIP-specific baselines on the same images.
 
 Wire into the ``nha`` command with ``add_parser(subparsers)`` and dispatch ``run(args)``; also runnable alone:
-``python -m nha_plugin.harness.cli [--quick] [--out DIR] ...``.
+``python -m nha_plugin.cli.benchmark [--quick] [--out DIR] ...``.
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .methods import DEFAULT_METHODS
-from .runner import DEFAULT_METRICS, QUICK, BenchmarkConfig, run_benchmark
+from ..harness.methods import DEFAULT_METHODS
+from ..harness.runner import DEFAULT_METRICS, QUICK, BenchmarkConfig, run_benchmark
 
 __all__ = ["add_parser", "run", "main"]
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     results = run_benchmark(cfg)
     if cfg.quiet:                                   # the runner prints the table only with progress output on
-        from .report import table
+        from ..harness.report import table
         print(table(results))
     print(f"\nresults: {cfg.out}/results.json, {cfg.out}/results.md; figures: {cfg.out}/heatmaps.png, "
           f"{cfg.out}/metric_*.png")

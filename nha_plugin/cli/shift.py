@@ -6,7 +6,7 @@
         --colours ~/data/cars_colours.csv --concept yellow --concept convertible \\
         --presence convertible=is_convertible --out cars_shift
 
-Scenes: each concept is planted by ``nha_plugin.harness.datasets.scenes.years`` (exact shares per year);
+Scenes: each concept is planted by ``nha_plugin.scenes.years`` (exact shares per year);
 ``--concept yellow`` finds the attribute (colour, shape, category, background) or give it: ``colour:yellow``.
 Stanford Cars: groups are model years; presence is ``colour label == concept`` unless ``--presence
 CONCEPT=COLUMN`` reads a 0/1 column of the colours CSV. Writes ``<name>.json``, ``.md`` and ``.png`` to --out;
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ._cli_common import standalone_main
+from .common import standalone_main
 
 __all__ = ["add_parser", "configure", "run", "main"]
 
@@ -93,7 +93,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def scene_concept(concept: str) -> tuple:
     """``"yellow"`` -> ``("colour", "yellow")``; ``"shape:star"`` -> ``("shape", "star")``."""
-    from ..harness.datasets.scenes import BACKGROUNDS, CATEGORIES, COLOURS, SHAPES
+    from ..scenes import BACKGROUNDS, CATEGORIES, COLOURS, SHAPES
     vocab = {"colour": COLOURS, "shape": SHAPES, "category": CATEGORIES, "background": BACKGROUNDS}
     if ":" in concept:
         attr, value = concept.split(":", 1)
@@ -152,8 +152,8 @@ def _presence_columns(args, concepts: dict) -> dict:
 
 
 def _cars_data(args, concepts: dict):
-    from ..harness.datasets.stanford_cars import StanfordCars
-    from .shift import ShiftData
+    from ..datasets.stanford_cars import StanfordCars
+    from ..applications.shift import ShiftData
     import numpy as np
 
     columns = _presence_columns(args, concepts)
@@ -212,7 +212,7 @@ def run(args) -> int:
 
     import nha_plugin as nha
     from ..adapters import get_spec
-    from .shift import ShiftData, run_monitor, write_report
+    from ..applications.shift import ShiftData, run_monitor, write_report
 
     if args.dataset == "scenes" and not args.concept:
         args.concept = list(DEFAULT_SCENE_CONCEPTS)
@@ -242,7 +242,7 @@ def run(args) -> int:
     runs = []
     for seed in seeds:
         if args.dataset == "scenes":
-            from ..harness.datasets.scenes import years
+            from ..scenes import years
             for concept, text in concepts.items():
                 def compute(concept=concept, text=text):
                     sampler = years(planted[concept], shares=args.shares, start=args.start,
@@ -268,7 +268,7 @@ def run(args) -> int:
 
 
 def _print_summary(runs) -> None:
-    from .shift import METHOD_LABELS, METHODS
+    from ..applications.shift import METHOD_LABELS, METHODS
     print(f"{'concept':>14} {'seed':>4}  " + "  ".join(f"{METHOD_LABELS[m]:>16}" for m in METHODS)
           + "   (per-image r / group-mean r)")
     for run in runs:
@@ -278,7 +278,7 @@ def _print_summary(runs) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry point: ``python -m nha_plugin.applications.shift_cli shift ...``."""
+    """Stand-alone entry point: ``python -m nha_plugin.cli.shift shift ...``."""
     return standalone_main(add_parser, run, argv, record_as="argv")
 
 

@@ -7,7 +7,7 @@
 
 Writes ``results.json``, ``results.md`` and ``predictions.png`` (image, ground truth, each method) to ``--out``; a
 killed run resumes from ``segment_state.pt`` there (``--fresh`` discards it). Wire into the ``nha`` parser with
-:func:`add_parser` and dispatch with :func:`run`; ``python -m nha_plugin.applications.segment_cli`` runs it alone.
+:func:`add_parser` and dispatch with :func:`run`; ``python -m nha_plugin.cli.segment`` runs it alone.
 """
 from __future__ import annotations
 
@@ -84,21 +84,21 @@ def _pair_signs(path: str, model):
 
 def _dataset(args):
     if args.dataset == "scenes":
-        from .segmentation import SceneSegmentation
+        from ..applications.segmentation import SceneSegmentation
         n = args.n if args.n is not None else 100
         ds = SceneSegmentation(n, seed=args.seed, background=args.scene_background)
-        return ds, (f"generated scenes (nha_plugin.harness.datasets.scenes), seed {args.seed} (held out), {n} images, "
+        return ds, (f"generated scenes (nha_plugin.scenes), seed {args.seed} (held out), {n} images, "
                     f"background {args.scene_background}")
     if not args.root:
         raise SystemExit("nha segment: --dataset pascal-context needs --root (the folder holding VOCdevkit)")
-    from ..harness.datasets.pascal_context import PascalContext59
+    from ..datasets.pascal_context import PascalContext59
     ds = PascalContext59(args.root, split=args.split)
     return ds, f"PASCAL Context-59 {args.split} ({len(ds)} images) at {ds.voc}, background ignored"
 
 
 def _texts(args, model, tokenizer, ds):
     from ..text.pools import get_templates
-    from .segmentation import class_embeddings
+    from ..applications.segmentation import class_embeddings
     name = args.templates or ("scenes" if args.dataset == "scenes" else "imagenet")
     if name == "scenes":
         if args.dataset != "scenes":
@@ -118,7 +118,7 @@ def _atomic_text(path: Path, text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``nha segment`` from parsed ``args``; prints the table and writes the files. Returns 0."""
     import nha_plugin as nha
-    from .segmentation import (METHODS, METHOD_DESCRIPTIONS, Segmentor, evaluate, plot_examples,
+    from ..applications.segmentation import (METHODS, METHOD_DESCRIPTIONS, Segmentor, evaluate, plot_examples,
                                results_markdown)
     methods = list(METHODS) if not args.method or "all" in args.method else list(dict.fromkeys(args.method))
     if args.n is not None and args.n < 1:

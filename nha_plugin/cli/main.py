@@ -28,7 +28,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _scene_batch(n: int, seed: int):
     """Held-out generated scenes: images (N, 224, 224, 3) uint8, the object to explain, its mask, class names."""
-    from .harness.datasets.scenes import CATEGORIES, SHAPES, SceneDataset
+    from ..scenes import CATEGORIES, SHAPES, SceneDataset
     classes = list(SHAPES) + list(CATEGORIES)
     images, names, masks, truths = [], [], [], []
     for scene in SceneDataset(n, seed=seed):
@@ -120,7 +120,7 @@ def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed:
     from tqdm.auto import tqdm
 
     import nha_plugin as nha
-    from .harness import ZeroShotClassifier
+    from ..harness import ZeroShotClassifier
 
     model, preprocess, tokenizer = nha.load_clip(model_name)
     if model_name == "scenes-rn":
@@ -162,19 +162,17 @@ def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed:
 
 
 def _user_errors() -> tuple:
-    from .models import PretrainedUnavailableError
-    from .spec import UnsupportedModelError
-    from .stats import StatsMismatchError
+    from ..models import PretrainedUnavailableError
+    from ..spec import UnsupportedModelError
+    from ..stats import StatsMismatchError
     return (FileNotFoundError, NotADirectoryError, UnsupportedModelError, PretrainedUnavailableError,
             StatsMismatchError)
 
 
 def _command_modules():
     """Modules that add subcommands: each has ``add_parser(subparsers)`` and ``run(args) -> int``."""
-    from .applications import second_order_cli, segment_cli, shift_cli, stats_cli, vit_cli
-    from .harness import cli as harness_cli
-    from .text import cli as text_cli
-    return [text_cli, harness_cli, stats_cli, segment_cli, shift_cli, vit_cli, second_order_cli]
+    from . import benchmark, describe, neurons, segment, shift, stats, vit
+    return [describe, benchmark, stats, segment, shift, vit, neurons]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
