@@ -70,7 +70,7 @@ class CLIPResNetActivationCache(ActivationCache):
 
     def stack_neuron_results(self, target: Optional[Tensor] = None, neurons: Optional[Sequence[int]] = None,
                              return_labels: bool = False):
-        from nha_plugin.decomposition import neuron_contributions
+        from nha_plugin.pool import neuron_contributions
         s = self._coeffs()
         idx = torch.arange(s.shape[-1]) if neurons is None else torch.as_tensor(list(neurons))
         stack = neuron_contributions(self.model.spec.detached(), s, idx).transpose(0, 1)      # (C', B, D)
@@ -82,7 +82,7 @@ class CLIPResNetActivationCache(ActivationCache):
                            neurons: Optional[Sequence[int]] = None, return_labels: bool = False):
         """Pair contributions s[h,n] u[h,n], stacked as (P, B, D) or (P, B) with a target, labels 'H3N17'.
         All H*C pairs of a large model are big: select ``heads``/``neurons`` or give a ``target``."""
-        from nha_plugin.decomposition import _head_split, target_weights
+        from nha_plugin.pool import head_split, target_weights
         spec = self.model.spec.detached()
         s = self._coeffs()
         H, C = s.shape[1:]
@@ -93,7 +93,7 @@ class CLIPResNetActivationCache(ActivationCache):
             g = target_weights(spec, target.to(s.dtype).view(-1, 1))[..., 0]        # (H, C)
             stack = (sub * g[hs][:, ns]).flatten(1).T                                  # (P, B)
         else:
-            wo, wv = _head_split(spec)
+            wo, wv = head_split(spec)
             u = torch.einsum("Dhj,hjn->hnD", wo[:, hs], wv[hs][..., ns])
             stack = torch.einsum("bhn,hnD->hnbD", sub, u).flatten(0, 1)
         labels = [f"H{int(h)}N{int(n)}" for h in hs for n in ns]

@@ -29,7 +29,7 @@ import open_clip
 import torch
 
 from nha_plugin.adapters import get_spec
-from nha_plugin.decomposition import pair_directions
+from nha_plugin.pool import pair_directions
 from nha_plugin.text import prepare_dictionary, sparse_decompose
 
 

@@ -10,7 +10,8 @@ open_clip users.
 """
 from . import adapters, applications, harness, stats, text, vit
 from .attribution import NeuronHeadAttribution, lift_to_input
-from .decomposition import Contributions, decompose_features, pair_directions
+from .decomposition import Contributions, decompose_features
+from .pool import pair_directions
 from .models import PretrainedUnavailableError, decompose, load_clip
 from .spec import AttentionPoolSpec, UnsupportedModelError
 

@@ -14,29 +14,27 @@ score is ``s * g``. Every reported component (pairs, heads, neurons, tokens, spa
 bias, attention-sink residual) sums back to ``y . e`` exactly; :meth:`Contributions.completeness_error`
 measures it against the model's own attention pool.
 
-This module imports only torch, numpy and einops, and knows nothing of open_clip.
+The algebra (tokens, attention, directions, target weights) is :mod:`nha_plugin.pool`; per-token maps and the
+attention sink are :mod:`nha_plugin.pool_maps`. This module imports only torch and einops, and knows nothing of
+open_clip.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from .pool import (class_attention, constant_term, head_bias, head_outputs, neuron_contributions, pair_directions,
+                   positional_embedding_for, target_weights, tokens)
+from .pool_maps import check_sink, sink_value
 from .spec import AttentionPoolSpec
 
-__all__ = [
-    "Contributions", "decompose_features", "pair_directions", "constant_term", "target_weights",
-    "neuron_contributions", "tokens", "class_attention", "head_bias",
-    "interpolate_positional_embedding", "LEVELS", "SINK_MODES", "BIAS_MODES",
-]
+__all__ = ["Contributions", "decompose_features", "canonical_target", "LEVELS", "BIAS_MODES"]
 
 LEVELS = ("pair", "head", "neuron", "token", "spatial")
-SINK_MODES = ("keep", "interpolate", "drop")
 BIAS_MODES = ("own", "split")
 
 
@@ -45,84 +43,10 @@ def _check_choice(name: str, value: str, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def _head_split(spec: AttentionPoolSpec) -> tuple[Tensor, Tensor]:
-    """W_o per head (D, H, d) and W_v per head (H, d, C)."""
-    H, d = spec.num_heads, spec.head_dim
-    wo = rearrange(spec.c_weight, "D (h j) -> D h j", h=H, j=d)
-    wv = rearrange(spec.v_weight, "(h j) n -> h j n", h=H, j=d)
-    return wo, wv
-
-
-def pair_directions(spec: AttentionPoolSpec, heads: Optional[slice] = None) -> Tensor:
-    """u[h, n] = W_o^h W_v^h[:, n], shape (H, C, D). Large for big models (453 MB for RN50x16 in fp32);
-    pass ``heads`` (a slice) to build a chunk."""
-    wo, wv = _head_split(spec)
-    if heads is not None:
-        wo, wv = wo[:, heads], wv[heads]
-    return torch.einsum("Dhj,hjn->hnD", wo, wv)
-
-
-def neuron_contributions(spec: AttentionPoolSpec, coeffs: Tensor, neurons: Optional[Tensor] = None) -> Tensor:
-    """sum_h s[h,n] u[h,n] for coefficients (B, H, C): (B, C', D), C' = selected neurons (all by default)."""
-    _, wv = _head_split(spec)
-    if neurons is not None:
-        wv, coeffs = wv[..., neurons], coeffs[..., neurons]
-    scaled = rearrange(wv[None] * coeffs[:, :, None, :], "b h j n -> b n (h j)")   # s[h,n] W_v^h[:, n]
-    return scaled @ spec.c_weight.T
-
-
-def constant_term(spec: AttentionPoolSpec) -> Tensor:
-    """beta = b_o + sum_h W_o^h b_v^h = c_proj(b_v), shape (D,)."""
-    return spec.c_bias + spec.c_weight @ spec.v_bias
-
-
-def head_bias(spec: AttentionPoolSpec) -> Tensor:
-    """W_o^h b_v^h per head, shape (H, D)."""
-    wo, _ = _head_split(spec)
-    bv = rearrange(spec.v_bias, "(h j) -> h j", h=spec.num_heads)
-    return torch.einsum("Dhj,hj->hD", wo, bv)
-
-
-def target_weights(spec: AttentionPoolSpec, directions: Tensor) -> Tensor:
-    """g[..., h, n, k] = (W_o^h^T e_k) . W_v^h[:, n] for directions (..., D, K); returns (..., H, C, K).
-
-    Costs O(H d (D + C) K): the (H, C, D) direction table is never built."""
-    wo, wv = _head_split(spec)
-    r = torch.einsum("Dhj,...Dk->...hjk", wo, directions)
-    return torch.einsum("...hjk,hjn->...hnk", r, wv)
-
-
-def interpolate_positional_embedding(pos: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Resize a (1 + g*g, C) positional embedding to ``grid`` (bicubic over the grid, row 0 kept)."""
-    g = round((pos.shape[0] - 1) ** 0.5)
-    if (g, g) == tuple(grid):
-        return pos
-    spatial = rearrange(pos[1:], "(a b) c -> 1 c a b", a=g, b=g)
-    work = spatial if spatial.dtype == torch.float64 else spatial.float()
-    # antialias as timm does (it only matters when shrinking the grid)
-    spatial = F.interpolate(work, size=tuple(grid), mode="bicubic", align_corners=False, antialias=True).to(pos.dtype)
-    return torch.cat([pos[:1], rearrange(spatial, "1 c a b -> (a b) c")], dim=0)
-
-
-def tokens(features: Tensor, pos: Tensor) -> Tensor:
-    """z (B, T, C): mean token then the h*w spatial tokens, plus the positional embedding."""
-    flat = rearrange(features, "b c h w -> b (h w) c")
-    return torch.cat([flat.mean(dim=1, keepdim=True), flat], dim=1) + pos.to(features.dtype)
-
-
-def class_attention(spec: AttentionPoolSpec, tokens: Tensor) -> Tensor:
-    """a (B, H, T): the class token's attention over all tokens, per head."""
-    H, d = spec.num_heads, spec.head_dim
-    q = tokens[:, 0] @ spec.q_weight.T + spec.q_bias                      # (B, C)
-    k = tokens @ spec.k_weight.T + spec.k_bias                            # (B, T, C)
-    logits = torch.einsum("bhj,bthj->bht", q.view(-1, H, d), k.view(k.shape[0], k.shape[1], H, d))
-    return torch.softmax(logits / math.sqrt(d), dim=-1)
-
-
 def decompose_features(spec: AttentionPoolSpec, features: Tensor, *, sink: str = "keep",
                        bias: str = "own") -> "Contributions":
     """Decompose layer4 features (B, C, h, w) through the attention pool of ``spec``."""
-    _check_choice("sink", sink, SINK_MODES)
+    check_sink(sink)
     _check_choice("bias", bias, BIAS_MODES)
     if features.dim() != 4 or features.shape[1] != spec.num_neurons:
         raise ValueError(f"expected layer4 features (B, {spec.num_neurons}, h, w); got {tuple(features.shape)}")
@@ -133,7 +57,7 @@ def decompose_features(spec: AttentionPoolSpec, features: Tensor, *, sink: str =
             f"feature grid {h}x{w} differs from the model's native {spec.grid_size}x{spec.grid_size}: "
             "the attention pool's positional embedding is interpolated (bicubic, class row kept)",
             stacklevel=3)
-        pos = interpolate_positional_embedding(pos, (h, w))
+        pos = positional_embedding_for(spec, (h, w))
     z = tokens(features, pos)
     attn = class_attention(spec, z)
     coeffs = torch.einsum("bht,btn->bhn", attn, z)
@@ -247,9 +171,7 @@ class Contributions:
 
     def head_contributions(self) -> Tensor:
         """Per-head output W_o^h W_v^h s_h, (B, H, D), without bias."""
-        wo, wv = _head_split(self.spec)
-        vs = torch.einsum("hjn,bhn->bhj", wv, self.pair_coefficients)
-        return torch.einsum("Dhj,bhj->bhD", wo, vs)
+        return head_outputs(self.spec, self.pair_coefficients)
 
     def neuron_contributions(self, neurons: Optional[Tensor] = None) -> Tensor:
         """Per-neuron output sum_h s[h,n] u[h,n], (B, C', D) for the selected neurons (all by default)."""
@@ -347,22 +269,15 @@ class Contributions:
 
     def _sink_replacement(self, scores: Tensor) -> Tensor:
         """Value the sink cell gets under the current mode (scores (..., n_cells) in grid order)."""
-        if self.sink == "drop":
-            return torch.zeros_like(scores[..., -1])
-        h, w = self.grid
-        if h < 2 or w < 2:
-            raise ValueError("sink='interpolate' needs a grid of at least 2x2")
-        last = h * w - 1
-        return (scores[..., last - 1] + scores[..., last - w] + scores[..., last - w - 1]) / 3
+        return sink_value(scores.unflatten(-1, self.grid), self.sink)
 
     def _apply_sink(self, scores: Tensor, token_axis_offset: int) -> Tensor:
         """Replace the attention-sink cell (the last spatial token) per ``self.sink``; the removed part is
         reported by :meth:`sink_score`. ``token_axis_offset`` is 1 for token scores (class token first)."""
         if self.sink == "keep":
             return scores
-        spatial = scores[..., token_axis_offset:]
         out = scores.clone()
-        out[..., -1] = self._sink_replacement(spatial)
+        out[..., -1] = self._sink_replacement(scores[..., token_axis_offset:])
         return out
 
     def sink_score(self, target: Tensor, level: str = "spatial", normalize: bool = False,

@@ -76,7 +76,7 @@ class HookedAttentionPool(nn.Module):
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if pre_logits:
             raise ValueError("pre_logits=True is not supported by the hooked attention pool")
-        from .decomposition import interpolate_positional_embedding, tokens
+        from .pool import interpolate_positional_embedding, tokens
         w = pool_weights_from_module(self.pool)
         H = w["num_heads"]
         B, C, h, wd = x.shape

@@ -54,11 +54,11 @@ from typing import Any, Iterable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .decomposition import _head_split, constant_term, pair_directions
+from .pool import constant_term, head_outputs, neuron_blocks, pair_directions
 from .spec import AttentionPoolSpec
 
-__all__ = ["DatasetStats", "NeuronPCs", "TopDeviations", "StatsMismatchError", "collect", "head_outputs",
-           "spec_fingerprint", "neuron_blocks", "FORMAT_VERSION"]
+__all__ = ["DatasetStats", "NeuronPCs", "TopDeviations", "StatsMismatchError", "collect", "spec_fingerprint",
+           "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 # auto mode keeps the (H, D, D) head co-moments when they take at most this many float64 entries (128 MiB)
@@ -102,22 +102,6 @@ class TopDeviations(NamedTuple):
 
 
 # ---- helpers on a spec -----------------------------------------------------------------------------------
-def head_outputs(spec: AttentionPoolSpec, coefficients: Tensor) -> Tensor:
-    """Per-head output ``W_o^h W_v^h s_h`` (B, H, D) for any pair coefficients s (B, H, C), without bias.
-
-    Linear in s, so it maps centred coefficients, deltas and means alike. Computed through W_v then W_o per
-    head: the (H, C, D) direction table is never built. Weights are cast to the coefficients' dtype (no autograd)."""
-    wo, wv = _head_split(spec.detached())
-    wo, wv = wo.to(coefficients), wv.to(coefficients)
-    return torch.einsum("Dhj,bhj->bhD", wo, torch.einsum("hjn,bhn->bhj", wv, coefficients))
-
-
-def neuron_blocks(spec: AttentionPoolSpec, neurons: slice, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``U_n = [u[0,n] ... u[H-1,n]]`` for a slice of neurons: (C', D, H)."""
-    wo, wv = _head_split(spec.detached())
-    return torch.einsum("Dhj,hjn->nDh", wo.to(dtype), wv[..., neurons].to(dtype))
-
-
 def spec_fingerprint(spec: AttentionPoolSpec) -> str:
     """sha256 of the attention pool's weights (as float32) and head count: identifies the model the
     statistics belong to, whatever precision it runs in (fp32 / fp64 copies of the same weights agree)."""
@@ -247,7 +231,7 @@ class DatasetStats:
         return self.spec
 
     def _head_of(self, coefficients: Tensor) -> Tensor:
-        return head_outputs(self._need_spec("head contributions"), coefficients)
+        return head_outputs(self._need_spec("head contributions").detached(), coefficients)
 
     # ---- accumulation ---------------------------------------------------------------------------------
     def update(self, coefficients: Tensor, indices: Tensor) -> None:

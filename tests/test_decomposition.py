@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 import nha_plugin as nha
 from nha_plugin.adapters import get_spec
-from nha_plugin.decomposition import LEVELS, constant_term, decompose_features, pair_directions
+from nha_plugin.decomposition import LEVELS, decompose_features
+from nha_plugin.pool import constant_term, pair_directions
 
 from conftest import images_for, make_tiny
 

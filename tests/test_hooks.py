@@ -4,7 +4,7 @@ import torch
 
 import nha_plugin as nha
 from nha_plugin.adapters import get_spec
-from nha_plugin.decomposition import constant_term
+from nha_plugin.pool import constant_term
 from nha_plugin.hooks import HOOK_NAMES, HookedAttentionPool, hooked
 
 from conftest import images_for

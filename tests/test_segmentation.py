@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import nha_plugin as nha
 from nha_plugin.applications import segmentation as S
+from nha_plugin.pool_maps import head_maps
 from nha_plugin.cli.segment import main as segment_main
 
 from conftest import assert_argmax_agrees, images_for, make_tiny
@@ -62,10 +63,10 @@ def test_head_maps_equal_cosines_of_token_head_contributions(tiny, setup, share)
         y = tiny.encode_image(x)
         assert (ref.sum(dim=(1, 2)) - y).abs().max() < 1e-10 * y.abs().max()
         cos = torch.einsum("bthD,pD->bpht", F.normalize(ref, dim=-1), F.normalize(text, dim=-1))[..., 1:]
-        L = S.head_maps(contrib.spec, contrib.features, text, sink="keep", bias_share=share)
+        L = head_maps(contrib.spec, contrib.features, text, sink="keep", bias_share=share)
         assert L.shape == (2, P, pool.num_heads, 4, 4)
         assert (L.flatten(-2) - cos).abs().max() < 1e-10
-        Li = S.head_maps(contrib.spec, contrib.features, text, sink="interpolate", bias_share=share)
+        Li = head_maps(contrib.spec, contrib.features, text, sink="interpolate", bias_share=share)
     g = cos.view(*cos.shape[:-1], 4, 4)
     assert torch.allclose(Li[..., -1, -1], (g[..., -1, -2] + g[..., -2, -1] + g[..., -2, -2]) / 3, atol=1e-12)
     assert torch.equal(Li[..., :-1, :], L[..., :-1, :])
@@ -112,7 +113,7 @@ def test_nad_and_neuron_logits_equal_a_dense_loop_over_pairs(tiny, setup):
     spec, k = contrib.spec, 40
     with torch.no_grad():
         mask = S.top_pairs(spec, text, k)
-        L = S.head_maps(spec, contrib.features, text)
+        L = head_maps(spec, contrib.features, text)
         Z = S.neuron_maps(contrib.features)
         out = S.crop_logits(spec, contrib.features, text, ["nad", "neurons", "heads"], mask, k)
     ref_nad = torch.zeros(2, P, 4, 4, dtype=torch.float64)

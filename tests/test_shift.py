@@ -12,7 +12,7 @@ import nha_plugin as nha
 from nha_plugin.adapters import get_spec
 from nha_plugin.applications import shift as S
 from nha_plugin.cli.shift import main as shift_main
-from nha_plugin.decomposition import pair_directions
+from nha_plugin.pool import pair_directions
 from conftest import assert_topk_selection, images_for
 
 stats = pytest.importorskip("scipy.stats")

@@ -1,7 +1,7 @@
 """Mean-ablation sparsity curves and reconstructions of a CLIP-ResNet embedding (METHODS.md §A).
 
 All embeddings are computed exactly from the linear form ``y = beta + sum_{h,n} s[h,n] u[h,n]`` (DESIGN.md §1)
-through W_v then W_o per head (:func:`nha_plugin.stats.head_outputs`): the (B, H, C, D) table is never built.
+through W_v then W_o per head (:func:`nha_plugin.pool.head_outputs`): the (B, H, C, D) table is never built.
 
 - **Mean-ablation** keeps the top fraction of units by importance and replaces the coefficients s of the
   others by their dataset mean: ``y_abl = y - sum_{ablated} (s - mean) u``. Keeping everything gives the
@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..decomposition import constant_term, pair_directions
 from ..spec import AttentionPoolSpec
-from ..stats import DatasetStats, NeuronPCs, head_outputs, neuron_blocks
+from ..pool import constant_term, head_outputs, neuron_blocks, pair_directions, pool_output
+from ..stats import DatasetStats, NeuronPCs
 
-__all__ = ["LEVELS", "unit_importance", "keep_mask", "full_embedding", "ablated_embedding", "neuron_pc_embedding",
+__all__ = ["LEVELS", "unit_importance", "keep_mask", "ablated_embedding", "neuron_pc_embedding",
            "text_directions", "text_embedding", "zero_shot_accuracy", "sparsity_curves", "sparsity_markdown",
            "plot_sparsity", "write_report"]
 
@@ -84,11 +84,6 @@ def keep_mask(stats: DatasetStats, level: str, fraction: float,
     return mask, n_keep
 
 
-def full_embedding(spec: AttentionPoolSpec, coefficients: Tensor) -> Tensor:
-    """``beta + sum_{h,n} s u`` (B, D) in the coefficients' dtype: the model's image embedding."""
-    return constant_term(spec.detached()).to(coefficients) + head_outputs(spec, coefficients).sum(dim=1)
-
-
 def ablated_embedding(spec: AttentionPoolSpec, coefficients: Tensor, stats: DatasetStats, keep: Tensor,
                       embedding: Optional[Tensor] = None) -> Tensor:
     """Mean-ablated embedding (B, D): pairs outside ``keep`` (H, C) bool get s replaced by its dataset mean.
@@ -98,12 +93,12 @@ def ablated_embedding(spec: AttentionPoolSpec, coefficients: Tensor, stats: Data
         coefficients: s (B, H, C) of the images (float64 recommended).
         stats: dataset statistics of the same model (its ``pair_mean`` is the replacement).
         keep: (H, C) bool, True for the pairs left intact (see :func:`keep_mask`).
-        embedding: the images' full embedding (B, D) if already computed (:func:`full_embedding`).
+        embedding: the images' full embedding (B, D) if already computed (:func:`nha_plugin.pool.pool_output`).
     """
     s = coefficients
-    y = full_embedding(spec, s) if embedding is None else embedding
+    y = pool_output(spec.detached(), s) if embedding is None else embedding
     delta = (s - stats.pair_mean.to(s)) * (~keep.to(s.device)).to(s.dtype)
-    return y - head_outputs(spec, delta).sum(dim=1)
+    return y - head_outputs(spec.detached(), delta).sum(dim=1)
 
 
 def neuron_pc_embedding(spec: AttentionPoolSpec, coefficients: Tensor, stats: DatasetStats, n_components: int,
@@ -186,7 +181,7 @@ def sparsity_curves(spec: AttentionPoolSpec, coefficients: Tensor, labels: Tenso
         ``||y' - y|| / ||y - mean embedding||`` (0: the model's embedding; 1: as far off as the mean).
     """
     s = coefficients.to(torch.float64)
-    y = full_embedding(spec, s)
+    y = pool_output(spec.detached(), s)
     spread = (y - stats.mean_embedding.to(y)).norm(dim=-1)
     acc = lambda e: zero_shot_accuracy(e, class_embeddings, labels)   # noqa: E731
     err = lambda e: float(((e - y).norm(dim=-1) / spread).mean())     # noqa: E731

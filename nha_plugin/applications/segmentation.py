@@ -55,13 +55,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..adapters import get_spec
-from ..decomposition import _head_split, class_attention, interpolate_positional_embedding, pair_directions, tokens
-from ..harness.methods import _interpolate_sink, maskclip_tokens, self_self_tokens
+from ..pool import class_attention, pair_directions, pool_output, positional_embedding_for, tokens
+from ..pool_maps import BIAS_SHARES, apply_sink, check_sink, head_maps, maskclip_tokens, self_self_tokens, token_cosines
 from ..spec import AttentionPoolSpec
 
-__all__ = ["METHODS", "METHOD_DESCRIPTIONS", "ORACLE", "ORACLE_DESCRIPTION", "BIAS_SHARES", "DEFAULT_K", "PAPER_PAIR_SHARE", "paper_k",
-           "class_embeddings", "centre_texts", "pair_scores", "top_pairs", "head_maps", "neuron_maps", "nad_logits",
-           "maskclip_tokens", "self_self_tokens", "crop_logits", "sliding_windows", "Segmentor", "ConfusionMatrix",
+__all__ = ["METHODS", "METHOD_DESCRIPTIONS", "ORACLE", "ORACLE_DESCRIPTION", "DEFAULT_K", "PAPER_PAIR_SHARE", "paper_k",
+           "class_embeddings", "centre_texts", "pair_scores", "top_pairs", "neuron_maps", "nad_logits",
+           "crop_logits", "sliding_windows", "Segmentor", "ConfusionMatrix",
            "miou_from_matrices", "bootstrap_miou", "SceneSegmentation", "scene_prompts", "evaluate", "plot_examples",
            "results_markdown"]
 
@@ -86,8 +86,6 @@ METHOD_DESCRIPTIONS: Dict[str, str] = {
 METHODS: Tuple[str, ...] = tuple(METHOD_DESCRIPTIONS)
 ORACLE = "oracle-majority"
 ORACLE_DESCRIPTION = "oracle floor: every pixel gets the image's most frequent ground-truth class (no localisation)"
-SINK_MODES = ("interpolate", "keep")
-BIAS_SHARES = ("attention", "uniform")
 
 
 # ---- class texts ------------------------------------------------------------------------------------------
@@ -185,80 +183,9 @@ def top_pairs(spec: AttentionPoolSpec, text: Tensor, k: int = DEFAULT_K, pair_si
 
 
 # ---- per-crop maps ----------------------------------------------------------------------------------------
-def _sink(grid: Tensor, sink: str) -> Tensor:
-    """Apply the sink mode to maps (..., h, w) (the last cell is the attention sink)."""
-    if sink == "keep":
-        return grid
-    if sink != "interpolate":
-        raise ValueError(f"sink must be one of {SINK_MODES}; got {sink!r}")
-    h, w = grid.shape[-2:]
-    if h < 2 or w < 2:
-        raise ValueError(f"sink='interpolate' needs a grid of at least 2x2; got {h}x{w}")
-    return _interpolate_sink(grid.reshape(-1, h, w)).view(grid.shape)
-
-
-def _positional(spec: AttentionPoolSpec, grid: Tuple[int, int]) -> Tensor:
-    return interpolate_positional_embedding(spec.positional_embedding, grid)
-
-
-def _weighted_values(spec: AttentionPoolSpec, features: Tensor, pos: Tensor,
-                     weighted: bool = True) -> Tuple[Tensor, int]:
-    """a[h, m] (W_v^h z_m + b_v^h) (without a[h, m] when not ``weighted``), (B, T, H, d), and T."""
-    z = tokens(features, pos)
-    v = rearrange(z @ spec.v_weight.T + spec.v_bias, "b t (h j) -> b t h j", h=spec.num_heads)
-    if not weighted:
-        return v, z.shape[1]
-    a = class_attention(spec, z)                                                  # (B, H, T)
-    return v * rearrange(a, "b h t -> b t h 1"), z.shape[1]
-
-
-def head_maps(spec: AttentionPoolSpec, features: Tensor, text: Tensor, *, positional_embedding: Optional[Tensor] = None,
-              sink: str = "interpolate", bias_share: str = "attention") -> Tensor:
-    """L[b, p, h, i, j]: cosine between t_p and the contribution of spatial token (i, j) through head h,
-    (B, P, H, h, w).
-
-    The contribution is ``a[h, m] W_o^h (W_v^h z_m + b_v^h)`` plus a share of the output bias b_o; with either share
-    the H*T (head, token) entries sum to the image embedding exactly:
-
-    - ``"attention"`` (default): a[h, m] b_o / H. a[h, m] then scales the whole entry and drops out of the cosine:
-      L = cos(W_o^h (W_v^h z_m + b_v^h) + b_o / H, t_p), what head h would write if it attended only to token m
-      (defined even where a[h, m] underflows to 0).
-    - ``"uniform"`` (the even split TextSpan uses for ViTs): b_o / (H T) per entry. A token a head ignores
-      (a[h, m] -> 0) then points along b_o, whatever the image.
-
-    The norm and the dot products with the texts go through the (H, d, d) Gram matrices of W_o^h, so the
-    (B, T, H, D) contributions are never built.
-
-    Args:
-        spec: the model's attention pool.
-        features: layer4 output F (B, C, h, w) of the crop.
-        text: class directions (P, D) (need not be unit norm; cosines are taken).
-        positional_embedding: (h*w + 1, C) for this grid; default: the spec's, interpolated to the grid.
-        sink: "interpolate" (replace the last cell by the mean of its W, N, NW neighbours) or "keep".
-        bias_share: "attention" | "uniform" (see above).
-    """
-    if bias_share not in BIAS_SHARES:
-        raise ValueError(f"bias_share must be one of {BIAS_SHARES}; got {bias_share!r}")
-    H = spec.num_heads
-    h, w = features.shape[-2:]
-    pos = positional_embedding if positional_embedding is not None else _positional(spec, (h, w))
-    av, T = _weighted_values(spec, features, pos, weighted=bias_share == "uniform")
-    av = av[:, 1:]                                                                # spatial tokens only
-    wo, _ = _head_split(spec)                                                     # (D, H, d)
-    text = text.to(av)
-    share = spec.c_bias / (H * T if bias_share == "uniform" else H)              # (D,)
-    text_in = torch.einsum("Dhj,pD->hjp", wo, text)                               # W_o^h^T t_p
-    share_in = torch.einsum("Dhj,D->hj", wo, share)                               # W_o^h^T share
-    gram = torch.einsum("Dhj,Dhk->hjk", wo, wo)                                   # W_o^h^T W_o^h
-    dots = torch.einsum("bmhj,hjp->bpmh", av, text_in) + (text @ share)[None, :, None, None]
-    sq = ((torch.einsum("bmhj,hjk->bmhk", av, gram) * av).sum(-1) + 2 * (av * share_in).sum(-1) + share @ share)
-    cos = dots / (sq.clamp_min(0).sqrt()[:, None] * text.norm(dim=-1)[None, :, None, None]).clamp_min(1e-30)
-    return _sink(rearrange(cos, "b p (i j) h -> b p h i j", i=h, j=w), sink)
-
-
 def neuron_maps(features: Tensor, sink: str = "interpolate") -> Tensor:
     """Z: raw layer4 activations per cell (no positional embedding), sink handled, (B, C, h, w)."""
-    return _sink(features, sink)
+    return apply_sink(features, sink)
 
 
 def nad_logits(head_map: Tensor, neuron_map: Tensor, mask: Tensor, k: Optional[int] = None) -> Tensor:
@@ -276,12 +203,6 @@ def nad_logits(head_map: Tensor, neuron_map: Tensor, mask: Tensor, k: Optional[i
     zm = (z @ rearrange(mask.to(z), "p h n -> n (p h)")).view(B, h * w, P, H)    # the pairs, in one matmul
     out = (rearrange(head_map, "b p h i j -> b (i j) p h") * zm).sum(-1) / k
     return rearrange(out, "b (i j) p -> b p i j", i=h, j=w)
-
-
-def _cosine_grid(out: Tensor, text: Tensor, grid: Tuple[int, int]) -> Tensor:
-    """(B, h*w, D) x (P, D) -> cosines (B, P, h, w)."""
-    cos = F.normalize(out, dim=-1) @ F.normalize(text.to(out), dim=-1).T
-    return rearrange(cos, "b (i j) p -> b p i j", i=grid[0], j=grid[1])
 
 
 def crop_logits(spec: AttentionPoolSpec, features: Tensor, text: Tensor, methods: Sequence[str],
@@ -302,7 +223,7 @@ def crop_logits(spec: AttentionPoolSpec, features: Tensor, text: Tensor, methods
     if unknown:
         raise ValueError(f"unknown segmentation method(s) {unknown}; choose from {list(METHODS)}")
     grid = tuple(features.shape[-2:])
-    pos = _positional(spec, grid)
+    pos = positional_embedding_for(spec, grid)
     text = text.to(device=features.device, dtype=features.dtype)
     if mask is None and any(m in ("nad", "neurons") for m in methods):
         raise ValueError("methods 'nad' and 'neurons' need the top-pair mask (see top_pairs)")
@@ -319,12 +240,12 @@ def crop_logits(spec: AttentionPoolSpec, features: Tensor, text: Tensor, methods
         elif m == "neurons":
             out[m] = torch.einsum("bnij,pn->bpij", Z, mask.to(Z).sum(dim=1)) / k
         elif m == "maskclip":
-            out[m] = _cosine_grid(maskclip_tokens(spec, features), text, grid)
+            out[m] = token_cosines(maskclip_tokens(spec, features), text, grid)
         elif m == "self-self":
-            out[m] = _cosine_grid(self_self_tokens(spec, features, pos), text, grid)
+            out[m] = token_cosines(self_self_tokens(spec, features, pos), text, grid)
         elif m == "global":
-            av, _ = _weighted_values(spec, features, pos)
-            y = rearrange(av.sum(dim=1), "b h j -> b (h j)") @ spec.c_weight.T + spec.c_bias
+            z = tokens(features, pos)
+            y = pool_output(spec, torch.einsum("bht,btn->bhn", class_attention(spec, z), z))
             cos = F.normalize(y, dim=-1) @ F.normalize(text, dim=-1).T
             out[m] = cos[:, :, None, None].expand(-1, -1, *grid)
     return out
@@ -391,8 +312,7 @@ class Segmentor:
             raise ValueError(f"unknown or no segmentation methods {unknown or methods}; choose from {list(METHODS)}")
         if text.dim() != 2 or text.shape[1] != self.spec.output_dim:
             raise ValueError(f"text must be (P, D={self.spec.output_dim}); got {tuple(text.shape)}")
-        if sink not in SINK_MODES:
-            raise ValueError(f"sink must be one of {SINK_MODES}; got {sink!r}")
+        check_sink(sink)
         if bias_share not in BIAS_SHARES:
             raise ValueError(f"bias_share must be one of {BIAS_SHARES}; got {bias_share!r}")
         self.methods, self.sink, self.bias_share, self.batch_size = methods, sink, bias_share, int(batch_size)

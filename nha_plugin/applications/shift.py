@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..decomposition import Contributions, pair_directions, target_weights
+from ..decomposition import Contributions
+from ..pool import pair_directions, target_weights
 from ..spec import AttentionPoolSpec
 
 __all__ = [

@@ -21,19 +21,18 @@ Completeness errors are relative: ``|sum(attribution) + reported constants - cla
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from ..adapters import get_spec
 from ..attribution import NeuronHeadAttribution
-from ..decomposition import head_bias, target_weights, tokens
+from ..pool import class_attention, head_bias, pool_output, positional_embedding_for, target_weights, tokens
+from ..pool_maps import apply_sink, maskclip_tokens, self_self_tokens, token_cosines
 from ..spec import AttentionPoolSpec
 
 __all__ = ["Method", "Explanation", "METHODS", "register_method", "get_method", "available_methods", "explain",
@@ -178,26 +177,16 @@ def _logit_of_target(forward: nn.Module, images: Tensor, target: Tensor) -> Tens
         return forward(images).gather(1, target[:, None])[:, 0]
 
 
-def _interpolate_sink(grid: Tensor) -> Tensor:
-    """Replace the last cell of (B, h, w) by the mean of its W, N and NW neighbours (the paper's sink fix)."""
-    out = grid.clone()
-    out[:, -1, -1] = (grid[:, -1, -2] + grid[:, -2, -1] + grid[:, -2, -2]) / 3
-    return out
-
-
 def _pool_parts(spec: AttentionPoolSpec, images: Tensor):
     """layer4 features (B, C, h, w), tokens z (B, T, C) with positional embedding, class attention (B, H, T)."""
-    from ..decomposition import class_attention
     feats = spec.trunk(images)
-    z = tokens(feats, spec.positional_embedding)
+    z = tokens(feats, positional_embedding_for(spec, feats.shape[-2:]))
     return feats, z, class_attention(spec, z)
 
 
 def _embedding(spec: AttentionPoolSpec, feats: Tensor, z: Tensor, a: Tensor) -> Tensor:
     """y (B, D) rebuilt from the decomposition (equals the model's attention pool to float precision)."""
-    from ..decomposition import Contributions
-    coeffs = torch.einsum("bht,btn->bhn", a, z)
-    return Contributions(spec, feats, spec.positional_embedding, a, coeffs).embedding
+    return pool_output(spec, torch.einsum("bht,btn->bhn", a, z))
 
 
 # ---- NAD ------------------------------------------------------------------------------------------------
@@ -244,7 +233,7 @@ def nad_heads(forward, images, target):
     per_head = torch.einsum("btn,bhn->bht", z, g) + (head_bias(spec) @ e.T).T[:, :, None]   # (B, H, T)
     tok = (a * per_head).sum(dim=1)[:, 1:]
     scale = _target_scale(forward, _embedding(spec, feats, z, a)).view(-1, 1, 1)
-    return _interpolate_sink(tok.view(-1, *feats.shape[-2:])) * scale
+    return apply_sink(tok.view(-1, *feats.shape[-2:]), "interpolate") * scale
 
 
 @register_method("nad_neurons", family="nad", needs_grad=False,
@@ -255,40 +244,16 @@ def nad_neurons(forward, images, target):
     w = torch.einsum("bhn,bh->bn", g, a[:, :, 1:].mean(dim=-1))
     grid = torch.einsum("bnij,bn->bij", feats, w)
     scale = _target_scale(forward, _embedding(spec, feats, z, a)).view(-1, 1, 1)
-    return _interpolate_sink(grid) * scale
+    return apply_sink(grid, "interpolate") * scale
 
 
 # ---- CLIP-specific baselines ------------------------------------------------------------------------
-def maskclip_tokens(spec: AttentionPoolSpec, features: Tensor) -> Tensor:
-    """MaskCLIP for ResNet: c_proj(v_proj(F_m)) per spatial cell (no q/k, no positional embedding), (B, h*w, D)."""
-    flat = rearrange(features, "b c h w -> b (h w) c")
-    return (flat @ spec.v_weight.T + spec.v_bias) @ spec.c_weight.T + spec.c_bias
-
-
-def self_self_tokens(spec: AttentionPoolSpec, features: Tensor,
-                     positional_embedding: Optional[Tensor] = None) -> Tensor:
-    """Self-self attention outputs per spatial token, (B, h*w, D): per head
-    (softmax(QQ^T/sqrt d) + softmax(KK^T/sqrt d)) over all T tokens applied to V, heads concatenated, then c_proj.
-    ``positional_embedding`` (T, C) defaults to the spec's (pass an interpolated one for other grids)."""
-    H, d = spec.num_heads, spec.head_dim
-    z = tokens(features, spec.positional_embedding if positional_embedding is None else positional_embedding)
-
-    def heads(wt, b):
-        return rearrange(z @ wt.T + b, "b t (h j) -> b h t j", h=H)
-
-    q, k, v = heads(spec.q_weight, spec.q_bias), heads(spec.k_weight, spec.k_bias), heads(spec.v_weight, spec.v_bias)
-    attn = (torch.softmax(q @ q.transpose(-1, -2) / math.sqrt(d), dim=-1)
-            + torch.softmax(k @ k.transpose(-1, -2) / math.sqrt(d), dim=-1))
-    out = rearrange(attn @ v, "b h t j -> b t (h j)") @ spec.c_weight.T + spec.c_bias
-    return out[:, 1:]
-
-
 def _token_cosine(token_outputs: Callable[[AttentionPoolSpec, Tensor], Tensor]) -> MethodFn:
     """A method mapping each spatial token's output (B, hw, D) to its cosine with the target direction."""
     def fn(forward, images, target):
         spec = _spec(forward)
         feats = spec.trunk(images)
-        return _cosine_map(token_outputs(spec, feats), _directions(forward, target), feats.shape[-2:])
+        return token_cosines(token_outputs(spec, feats), _directions(forward, target), feats.shape[-2:], per_image=True)
     return fn
 
 
@@ -299,12 +264,6 @@ register_method("self_self", family="clip", needs_grad=False,
                 description="attention-pool self-self: per head softmax(QQ^T/sqrt d)+softmax(KK^T/sqrt d) over all "
                             "tokens applied to V, then c_proj; cosine of each spatial token with the target")(
     _token_cosine(self_self_tokens))
-
-
-def _cosine_map(out: Tensor, e: Tensor, grid) -> Tensor:
-    """Cosine of each token output (B, hw, D) with its image's target direction (B, D), as a (B, h, w) grid."""
-    cos = torch.einsum("btd,bd->bt", F.normalize(out, dim=-1), F.normalize(e.to(out.dtype), dim=-1))
-    return cos.view(-1, *grid)
 
 
 @register_method("class_attention", family="clip", needs_grad=False, target_dependent=False,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..decomposition import pair_directions
+from ..pool import pair_directions
 from ..spec import AttentionPoolSpec
 from .cache import embed_texts
 from .omp import SparseCodes, prepare_dictionary, sparse_decompose

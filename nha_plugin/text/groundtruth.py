@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..decomposition import pair_directions
+from ..pool import pair_directions
 from .describe import TextDictionary, build_dictionary
 from .omp import sparse_decompose
 

@@ -1,0 +1,145 @@
+"""The attention-pool algebra of CLIP-ResNet on an :class:`AttentionPoolSpec`: the one home of the weights' head
+split, tokens, class attention, pair directions, constant terms and target weights.
+
+With F the layer4 output (B, C, h, w) and p the positional embedding (T, C), the tokens are
+``z_0 = mean_t F_t + p_0`` and ``z_t = F_t + p_t``. For head h the class-token attention is
+``a[h, t] = softmax_t(q_h(z_0) . k_h(z_t) / sqrt(d))`` and, because ``sum_t a[h, t] = 1``::
+
+    y = beta + sum_{h,n} s[h,n] u[h,n]
+    s[h,n] = sum_t a[h,t] z_t[n]          (B, H, C)  pair coefficients, the only image-dependent part
+    u[h,n] = W_o^h W_v^h[:, n]            (H, C, D)  pair directions, fixed by the weights
+    beta   = b_o + sum_h W_o^h b_v^h      (D,)       constant
+
+Scores against a direction e never need u: ``g[h,n] = (W_o^h^T e) . W_v^h[:, n]`` (:func:`target_weights`).
+Per-token maps built on these (MaskCLIP, self-self, head maps, the attention sink) live in
+:mod:`nha_plugin.pool_maps`; the decomposition object in :mod:`nha_plugin.decomposition`.
+
+This module imports only torch and einops and knows nothing of open_clip.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from .spec import AttentionPoolSpec
+
+__all__ = [
+    "head_split", "pair_directions", "neuron_contributions", "neuron_blocks", "head_outputs", "pool_output",
+    "constant_term", "head_bias", "target_weights", "interpolate_positional_embedding", "positional_embedding_for",
+    "tokens", "class_attention", "value_tokens",
+]
+
+
+def head_split(spec: AttentionPoolSpec) -> tuple[Tensor, Tensor]:
+    """W_o per head (D, H, d) and W_v per head (H, d, C): views of the spec's weights."""
+    H, d = spec.num_heads, spec.head_dim
+    wo = rearrange(spec.c_weight, "D (h j) -> D h j", h=H, j=d)
+    wv = rearrange(spec.v_weight, "(h j) n -> h j n", h=H, j=d)
+    return wo, wv
+
+
+def pair_directions(spec: AttentionPoolSpec, heads: Optional[slice] = None) -> Tensor:
+    """u[h, n] = W_o^h W_v^h[:, n], shape (H, C, D). Large for big models (453 MB for RN50x16 in fp32);
+    pass ``heads`` (a slice) to build a chunk."""
+    wo, wv = head_split(spec)
+    if heads is not None:
+        wo, wv = wo[:, heads], wv[heads]
+    return torch.einsum("Dhj,hjn->hnD", wo, wv)
+
+
+def neuron_contributions(spec: AttentionPoolSpec, coeffs: Tensor, neurons: Optional[Tensor] = None) -> Tensor:
+    """sum_h s[h,n] u[h,n] for coefficients (B, H, C): (B, C', D), C' = selected neurons (all by default)."""
+    _, wv = head_split(spec)
+    if neurons is not None:
+        wv, coeffs = wv[..., neurons], coeffs[..., neurons]
+    scaled = rearrange(wv[None] * coeffs[:, :, None, :], "b h j n -> b n (h j)")   # s[h,n] W_v^h[:, n]
+    return scaled @ spec.c_weight.T
+
+
+def neuron_blocks(spec: AttentionPoolSpec, neurons: slice, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``U_n = [u[0,n] ... u[H-1,n]]`` for a slice of neurons: (C', D, H), detached, in ``dtype``."""
+    wo, wv = head_split(spec.detached())
+    return torch.einsum("Dhj,hjn->nDh", wo.to(dtype), wv[..., neurons].to(dtype))
+
+
+def head_outputs(spec: AttentionPoolSpec, coefficients: Tensor) -> Tensor:
+    """Per-head output ``W_o^h W_v^h s_h`` (B, H, D) for any pair coefficients s (B, H, C), without bias.
+
+    Linear in s, so it maps centred coefficients, deltas and means alike. Computed through W_v then W_o per
+    head: the (H, C, D) direction table is never built. The weights are cast to the coefficients' dtype and
+    device; autograd flows through them when the spec is not detached."""
+    wo, wv = head_split(spec)
+    wo, wv = wo.to(coefficients), wv.to(coefficients)
+    return torch.einsum("Dhj,bhj->bhD", wo, torch.einsum("hjn,bhn->bhj", wv, coefficients))
+
+
+def pool_output(spec: AttentionPoolSpec, coefficients: Tensor) -> Tensor:
+    """The image embedding ``beta + sum_h W_o^h W_v^h s_h`` (B, D) from pair coefficients (B, H, C): what the
+    model's attention pool returns for the coefficients it computed, and an ablated embedding for edited ones."""
+    return constant_term(spec).to(coefficients) + head_outputs(spec, coefficients).sum(dim=1)
+
+
+def constant_term(spec: AttentionPoolSpec) -> Tensor:
+    """beta = b_o + sum_h W_o^h b_v^h = c_proj(b_v), shape (D,)."""
+    return spec.c_bias + spec.c_weight @ spec.v_bias
+
+
+def head_bias(spec: AttentionPoolSpec) -> Tensor:
+    """W_o^h b_v^h per head, shape (H, D)."""
+    wo, _ = head_split(spec)
+    bv = rearrange(spec.v_bias, "(h j) -> h j", h=spec.num_heads)
+    return torch.einsum("Dhj,hj->hD", wo, bv)
+
+
+def target_weights(spec: AttentionPoolSpec, directions: Tensor) -> Tensor:
+    """g[..., h, n, k] = (W_o^h^T e_k) . W_v^h[:, n] for directions (..., D, K); returns (..., H, C, K).
+
+    Costs O(H d (D + C) K): the (H, C, D) direction table is never built."""
+    wo, wv = head_split(spec)
+    r = torch.einsum("Dhj,...Dk->...hjk", wo, directions)
+    return torch.einsum("...hjk,hjn->...hnk", r, wv)
+
+
+def interpolate_positional_embedding(pos: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Resize a (1 + g*g, C) positional embedding to ``grid`` (bicubic over the grid, row 0 kept)."""
+    g = round((pos.shape[0] - 1) ** 0.5)
+    if (g, g) == tuple(grid):
+        return pos
+    spatial = rearrange(pos[1:], "(a b) c -> 1 c a b", a=g, b=g)
+    work = spatial if spatial.dtype == torch.float64 else spatial.float()
+    # antialias as timm does (it only matters when shrinking the grid)
+    spatial = F.interpolate(work, size=tuple(grid), mode="bicubic", align_corners=False, antialias=True).to(pos.dtype)
+    return torch.cat([pos[:1], rearrange(spatial, "1 c a b -> (a b) c")], dim=0)
+
+
+def positional_embedding_for(spec: AttentionPoolSpec, grid: tuple[int, int]) -> Tensor:
+    """The spec's positional embedding (h*w + 1, C) for a layer4 grid (h, w): itself at the native grid,
+    interpolated otherwise (:func:`interpolate_positional_embedding`)."""
+    return interpolate_positional_embedding(spec.positional_embedding, tuple(grid))
+
+
+def tokens(features: Tensor, pos: Tensor) -> Tensor:
+    """z (B, T, C): mean token then the h*w spatial tokens, plus the positional embedding."""
+    flat = rearrange(features, "b c h w -> b (h w) c")
+    return torch.cat([flat.mean(dim=1, keepdim=True), flat], dim=1) + pos.to(features.dtype)
+
+
+def class_attention(spec: AttentionPoolSpec, tokens: Tensor) -> Tensor:
+    """a (B, H, T): the class token's attention over all tokens, per head."""
+    H, d = spec.num_heads, spec.head_dim
+    q = tokens[:, 0] @ spec.q_weight.T + spec.q_bias                      # (B, C)
+    k = tokens @ spec.k_weight.T + spec.k_bias                            # (B, T, C)
+    logits = torch.einsum("bhj,bthj->bht", q.view(-1, H, d), k.view(k.shape[0], k.shape[1], H, d))
+    return torch.softmax(logits / math.sqrt(d), dim=-1)
+
+
+def value_tokens(spec: AttentionPoolSpec, z: Tensor, attention: Optional[Tensor] = None) -> Tensor:
+    """Per-head values ``W_v^h z_t + b_v^h`` of tokens z (B, T, C), as (B, T, H, d); times ``a[h, t]`` when the
+    class attention (B, H, T) is given (then the tokens' values sum to each head's output before W_o)."""
+    v = rearrange(z @ spec.v_weight.T + spec.v_bias, "b t (h j) -> b t h j", h=spec.num_heads)
+    return v if attention is None else v * rearrange(attention, "b h t -> b t h 1")
