@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .adapters import get_spec
 from .decomposition import Contributions
 from .models import decompose
+from .readout import logit_factor
 
 __all__ = ["NeuronHeadAttribution", "lift_to_input", "GRANULARITIES"]
 
@@ -100,10 +101,9 @@ def _target_directions(attribution, targets: Tensor, contrib, dtype: torch.dtype
         ``(e (B, D), factor (B,))``: the logit of image b is ``factor[b] * (y_b . e_b)``.
     """
     e = attribution.readout[:, targets].T.to(dtype)
-    factor = torch.full((targets.shape[0],), attribution.logit_scale, dtype=e.dtype, device=e.device)
-    if attribution.normalize:
-        factor = factor / contrib.embedding.norm(dim=-1)
-    return e, factor
+    if not attribution.normalize:                      # the embedding is not needed: do not build it
+        return e, torch.full((targets.shape[0],), attribution.logit_scale, dtype=e.dtype, device=e.device)
+    return e, logit_factor(contrib.embedding.to(dtype), attribution.logit_scale, True)
 
 
 def _scaled(attr: Tensor, factor: Tensor, granularity: str) -> Tensor:

@@ -31,7 +31,7 @@ from .spec import AttentionPoolSpec
 __all__ = [
     "head_split", "pair_directions", "neuron_contributions", "neuron_blocks", "head_outputs", "pool_output",
     "constant_term", "head_bias", "target_weights", "interpolate_positional_embedding", "positional_embedding_for",
-    "tokens", "class_attention", "value_tokens",
+    "tokens", "class_attention", "value_tokens", "pair_norms", "check_pair_signs", "pc_sign",
 ]
 
 
@@ -143,3 +143,36 @@ def value_tokens(spec: AttentionPoolSpec, z: Tensor, attention: Optional[Tensor]
     class attention (B, H, T) is given (then the tokens' values sum to each head's output before W_o)."""
     v = rearrange(z @ spec.v_weight.T + spec.v_bias, "b t (h j) -> b t h j", h=spec.num_heads)
     return v if attention is None else v * rearrange(attention, "b h t -> b t h 1")
+
+
+def pc_sign(projections: Tensor, dim: int = -1) -> Tensor:
+    """The NAD paper's sign rule for a principal component: +1 when more than half of the k samples (the top-k
+    by centred norm) project positively onto it, else -1, along ``dim`` (the k axis); returns int64 +-1.
+
+    The paper's code takes the SVD's first right singular vector v and flips it unless more than k/2 of the top
+    k project positively onto v. Applied to v = +u (the orientation this package reports), that is this rule. At
+    an exact tie (k/2 positive, k even) the paper's result depends on the sign its SVD happened to return; this
+    rule resolves the tie to -1, the paper's outcome when its SVD returns +u. A projection of exactly 0 does not
+    count as positive."""
+    k = projections.shape[dim]
+    return torch.where(2 * (projections > 0).sum(dim) > k, 1, -1)
+
+
+def pair_norms(spec: AttentionPoolSpec) -> Tensor:
+    """||u[h, n]||, (H, C), built one head at a time so the (H, C, D) table is never held."""
+    return torch.stack([pair_directions(spec, heads=slice(h, h + 1))[0].norm(dim=-1) for h in range(spec.num_heads)])
+
+
+def check_pair_signs(pair_signs: Optional[Tensor], spec: AttentionPoolSpec) -> Tensor:
+    """PC0 signs (H, C) of +-1 in the spec's dtype and device (+1 everywhere when None); refuses another shape
+    or other values with a message that says where signs come from."""
+    shape = (spec.num_heads, spec.num_neurons)
+    if pair_signs is None:
+        return torch.ones(shape, dtype=spec.dtype, device=spec.device)
+    signs = torch.as_tensor(pair_signs)
+    if tuple(signs.shape) != shape:
+        raise ValueError(f"pair_signs must be (H, C) = {shape}; got {tuple(signs.shape)}. Use "
+                         "nha_plugin.stats.DatasetStats.load(path).pc0_sign or shift.pc0_signs(coefficients)")
+    if signs.is_floating_point() and not bool(signs.isfinite().all()) or not bool(((signs == 1) | (signs == -1)).all()):
+        raise ValueError("pair_signs must hold only +1 and -1 (the PC0 sign of each pair)")
+    return signs.to(device=spec.device, dtype=spec.dtype)

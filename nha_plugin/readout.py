@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LinearReadout", "ZeroShotClassifier", "TextSimilarity", "encode_image", "encode_texts",
+__all__ = ["LinearReadout", "ZeroShotClassifier", "TextSimilarity", "encode_image", "encode_texts", "logit_factor",
            "DEFAULT_TEMPLATES"]
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -26,6 +26,14 @@ def encode_image(model: nn.Module, images: Tensor) -> Tensor:
         except TypeError:
             return model.encode_image(images)
     return model(images)
+
+
+def logit_factor(embedding: Tensor, logit_scale: float = 1.0, normalize: bool = False) -> Tensor:
+    """The per-image factor f (B,) with ``logit_k = f * (y . w_k)`` for a linear read-out of embeddings y (B, D):
+    ``logit_scale``, divided by ``||y||`` for a cosine read-out. Every exact attribution of a read-out scales its
+    scores of ``y . w`` by this factor, so they sum to the logit."""
+    factor = torch.full((embedding.shape[0],), float(logit_scale), dtype=embedding.dtype, device=embedding.device)
+    return factor / embedding.norm(dim=-1) if normalize else factor
 
 
 @torch.no_grad()

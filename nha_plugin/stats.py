@@ -54,7 +54,7 @@ from typing import Any, Iterable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .pool import constant_term, head_outputs, neuron_blocks, pair_directions
+from .pool import constant_term, head_outputs, neuron_blocks, pair_directions, pc_sign
 from .spec import AttentionPoolSpec
 
 __all__ = ["DatasetStats", "NeuronPCs", "TopDeviations", "StatsMismatchError", "collect", "spec_fingerprint",
@@ -421,13 +421,10 @@ class DatasetStats:
         """(H, C) int64 of +-1: the pair's PC0 is ``sign * u / ||u||``.
 
         The paper's recipe (centre, top-k centred norms, first singular vector, flip unless more than k/2
-        of the top k project positively) with exact directions: +1 when at least as many of the top-k
-        samples have s above the mean as below it. A tie (even k) is resolved to +1; there the paper's
-        result depends on the arbitrary sign its SVD returns."""
+        of the top k project positively) with exact directions: +1 when more than half of the top-k samples
+        have s above the mean (:func:`nha_plugin.pool.pc_sign`; an exact tie gives -1)."""
         top = self.top_deviations()
-        above = (top.coefficients > self.mean[..., None]).sum(-1)
-        below = (top.coefficients < self.mean[..., None]).sum(-1)
-        return torch.where(above >= below, 1, -1)
+        return pc_sign(top.coefficients - self.mean[..., None])
 
     @property
     def importance(self) -> Tensor:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..decomposition import Contributions
-from ..pool import pair_directions, target_weights
+from ..pool import pair_directions, pc_sign, target_weights
 from ..spec import AttentionPoolSpec
 
 __all__ = [
@@ -76,9 +76,8 @@ def pc0_signs(coefficients: Tensor, top: int = 50) -> Tensor:
     """The paper's PC0 sign of every pair from coefficients over a dataset.
 
     A pair's contribution is ``s[h,n] u[h,n]``, so the PC0 of its centred contributions is ``+-u/||u||`` and
-    the paper's rule ("flip unless more than half of the ``top`` largest centred contributions project
-    positively") reduces to: +1 when at least half of the ``top`` images with the largest ``|s - mean s|``
-    have ``s > mean s`` (ties keep +1), else -1.
+    the paper's rule (flip unless more than half of the ``top`` largest centred contributions project
+    positively) is :func:`nha_plugin.pool.pc_sign` on the ``top`` largest ``|s - mean s|``.
 
     Args:
         coefficients: pair coefficients s over a dataset, (B, H, C).
@@ -92,8 +91,7 @@ def pc0_signs(coefficients: Tensor, top: int = 50) -> Tensor:
     centred = coefficients - coefficients.mean(dim=0)
     k = min(int(top), centred.shape[0])
     idx = centred.abs().topk(k, dim=0).indices                          # (k, H, C)
-    positive = (centred.gather(0, idx) > 0).sum(dim=0)
-    return torch.where(2 * positive >= k, 1.0, -1.0).to(coefficients.dtype)
+    return pc_sign(centred.gather(0, idx), dim=0).to(coefficients.dtype)
 
 
 def _pair_norms(spec: AttentionPoolSpec) -> Tensor:

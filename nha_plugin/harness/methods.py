@@ -33,6 +33,7 @@ from ..adapters import get_spec
 from ..attribution import NeuronHeadAttribution
 from ..pool import class_attention, head_bias, pool_output, positional_embedding_for, target_weights, tokens
 from ..pool_maps import apply_sink, maskclip_tokens, self_self_tokens, token_cosines
+from ..readout import logit_factor
 from ..spec import AttentionPoolSpec
 
 __all__ = ["Method", "Explanation", "METHODS", "register_method", "get_method", "available_methods", "explain",
@@ -209,11 +210,8 @@ register_method("nad_spatial_interp", family="nad", completeness=True, needs_gra
 
 
 def _target_scale(forward: nn.Module, y: Tensor) -> Tensor:
-    """Per-image factor that turns y . e into the read-out's logit: logit_scale (/ ||y|| if cosine)."""
-    scale = torch.full((y.shape[0],), float(getattr(forward, "logit_scale", 1.0)), dtype=y.dtype, device=y.device)
-    if getattr(forward, "normalize", False):
-        scale = scale / y.norm(dim=-1)
-    return scale
+    """Per-image factor that turns y . e into the read-out's logit (:func:`nha_plugin.readout.logit_factor`)."""
+    return logit_factor(y, getattr(forward, "logit_scale", 1.0), getattr(forward, "normalize", False))
 
 
 def _target_parts(forward, images, target):

@@ -31,8 +31,9 @@ from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
+from ..readout import logit_factor
 from .methods import STAGES, randomised_copy, register_method
 
 __all__ = ["VIT_DEFAULT_METHODS", "VIT_STAGES", "is_vit", "vit_randomised_copy", "randomised_copies",
@@ -63,13 +64,6 @@ def methods_for(model: nn.Module, methods: Sequence[str]) -> List[str]:
     if is_vit(model) and tuple(methods) == tuple(DEFAULT_METHODS):
         return list(VIT_DEFAULT_METHODS)
     return list(methods)
-
-
-def _scale(forward: nn.Module, y: Tensor) -> Tensor:
-    scale = torch.full((y.shape[0],), float(getattr(forward, "logit_scale", 1.0)), dtype=y.dtype, device=y.device)
-    if getattr(forward, "normalize", False):
-        scale = scale / y.norm(dim=-1)
-    return scale
 
 
 def _model(forward: nn.Module) -> nn.Module:
@@ -103,7 +97,7 @@ def textspan_vit(forward, images, target):
     c = decompose(_model(forward), images)
     R = forward.readout.to(c.embedding.dtype)
     e = R[:, target].T - R.mean(dim=1)                                        # (B, D)
-    return c.scores(e, level="spatial", per_image=True) * _scale(forward, c.embedding).view(-1, 1, 1)
+    return c.scores(e, level="spatial", per_image=True) * logit_factor(c.embedding, getattr(forward, "logit_scale", 1.0), getattr(forward, "normalize", False)).view(-1, 1, 1)
 
 
 @register_method("vit_class_attention", family="vit", needs_grad=False, target_dependent=False,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..pool import pair_directions
+from ..pool import pair_directions, pc_sign
 from ..spec import AttentionPoolSpec
 from .cache import embed_texts
 from .omp import SparseCodes, prepare_dictionary, sparse_decompose
@@ -112,15 +112,13 @@ def _neuron_pairs(spec: AttentionPoolSpec, n: int) -> Tensor:
 def _pc0(x: Tensor, reference: Optional[Tensor] = None) -> Tensor:
     """First principal direction (D,) of rows x (K, D); centred first when ``reference`` is None.
 
-    Sign: with data (reference None), the majority of the 50 largest centred rows project positively;
-    otherwise ``reference`` (D,) projects positively."""
+    Sign: with data (reference None), the paper's rule on the 50 largest centred rows
+    (:func:`nha_plugin.pool.pc_sign`); otherwise ``reference`` (D,) projects positively."""
     if reference is None:
         xc = x - x.mean(dim=0)
         v = torch.linalg.svd(xc, full_matrices=False).Vh[0]
         top = xc[xc.norm(dim=1).argsort(descending=True)[:50]]
-        if (top @ v > 0).sum() * 2 < top.shape[0]:
-            v = -v
-        return v
+        return v * pc_sign(top @ v).to(v)
     v = torch.linalg.svd(x, full_matrices=False).Vh[0]
     return -v if float(reference @ v) < 0 else v
 
