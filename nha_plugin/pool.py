@@ -173,6 +173,6 @@ def check_pair_signs(pair_signs: Optional[Tensor], spec: AttentionPoolSpec) -> T
     if tuple(signs.shape) != shape:
         raise ValueError(f"pair_signs must be (H, C) = {shape}; got {tuple(signs.shape)}. Use "
                          "nha_plugin.stats.DatasetStats.load(path).pc0_sign or shift.pc0_signs(coefficients)")
-    if signs.is_floating_point() and not bool(signs.isfinite().all()) or not bool(((signs == 1) | (signs == -1)).all()):
+    if not bool(((signs == 1) | (signs == -1)).all()):                      # NaN fails this too
         raise ValueError("pair_signs must hold only +1 and -1 (the PC0 sign of each pair)")
     return signs.to(device=spec.device, dtype=spec.dtype)
