@@ -295,16 +295,22 @@ def test_ablations_exact(dataset):
 
 # ---- segmentation -----------------------------------------------------------------------------------------
 def test_segmentation_counts_hand_case():
-    from nha_plugin.harness.metrics import segmentation_summary
-    soft = np.array([[0.9, 0.6], [0.5, 0.1]])
+    """The second-order protocol: a min-max normalised map thresholded at 0.5 (the harness's counts with a fixed
+    threshold; a map already in [0, 1] with min 0 and max 1 is left as it is)."""
+    from nha_plugin.harness.metrics import segmentation_counts, segmentation_summary
+    soft = np.array([[1.0, 0.625], [0.5, 0.0]])
     mask = np.array([[True, False], [True, False]])
-    c = cli.segmentation_counts_fixed(soft, mask)              # pred = [[1, 1], [0, 0]] (0.5 is not > 0.5)
+    c = segmentation_counts(soft, mask, threshold=0.5)       # pred = [[1, 1], [0, 0]] (0.5 is not > 0.5)
     assert (c["correct"], c["inter1"], c["union1"], c["inter0"], c["union0"]) == (2, 1, 3, 1, 3)
-    # AP: ranking 0.9(+), 0.6(-), 0.5(+), 0.1(-): precision at the two hits 1 and 2/3
+    # AP: ranking 1.0(+), 0.625(-), 0.5(+), 0.0(-): precision at the two hits 1 and 2/3
     assert c["ap"] == pytest.approx((1 + 2 / 3) / 2)
-    s = segmentation_summary([c, cli.segmentation_counts_fixed(np.ones((2, 2)), np.ones((2, 2), bool))])
+    perfect = segmentation_counts(np.array([[1.0, 0.8], [0.6, 0.0]]), np.array([[True, True], [True, False]]),
+                                  threshold=0.5)
+    assert (perfect["correct"], perfect["inter1"], perfect["union1"], perfect["inter0"], perfect["union0"]) == \
+        (4, 3, 3, 1, 1)
+    s = segmentation_summary([c, perfect])
     assert s["pixacc"] == pytest.approx(6 / 8)
-    assert s["miou"] == pytest.approx(np.mean([1 / 3, 5 / 7]))
+    assert s["miou"] == pytest.approx(np.mean([(1 + 1) / (3 + 1), (1 + 3) / (3 + 3)]))
 
 
 def test_select_segmentation_neurons_by_abs_alignment():

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .common import standalone_main
 
-__all__ = ["add_parser", "run", "main", "ACTIONS", "segmentation_counts_fixed", "evaluate_ablation",
+__all__ = ["add_parser", "run", "main", "ACTIONS", "evaluate_ablation",
            "select_segmentation_neurons", "evaluate_segmentation", "run_adversarial", "STATS_SEED", "EVAL_SEED"]
 
 ACTIONS = ("stats", "describe", "ablate", "segment", "adversarial", "all")
@@ -195,20 +195,6 @@ def select_segmentation_neurons(pcs: Dict[int, torch.Tensor], rows: torch.Tensor
     return [[owners[i] for i in idx[:, c].tolist()] for c in range(rows.shape[1])]
 
 
-def segmentation_counts_fixed(soft: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> Dict[str, float]:
-    """Per-image counts for a min-max normalised map thresholded at a fixed value (METHODS.md §C: 0.5), in the
-    format of :func:`nha_plugin.harness.metrics.segmentation_counts` so that ``segmentation_summary`` sums them
-    over the dataset (pixAcc and bg/fg mIoU from totals, mAP = mean per-image AP of the soft map)."""
-    from ..harness.metrics import average_precision
-    gt = np.asarray(mask, dtype=bool)
-    pred = np.asarray(soft) > threshold
-    out = {"correct": float((pred == gt).sum()), "labelled": float(gt.size), "ap": average_precision(soft, gt)}
-    for cls, (p, g) in enumerate([(~pred, ~gt), (pred, gt)]):
-        out[f"inter{cls}"] = float((p & g).sum())
-        out[f"union{cls}"] = float((p | g).sum())
-    return out
-
-
 def _minmax(x: np.ndarray) -> np.ndarray:
     lo, hi = float(x.min()), float(x.max())
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
@@ -265,7 +251,7 @@ def evaluate_segmentation(spec, selected: List[List[tuple]], images: np.ndarray,
                     by_layer.setdefault(layer, []).append(n)
                 maps = torch.cat([neuron_maps(tr, layer, ns, spec.grid)[b] for layer, ns in by_layer.items()])
                 heat = up(maps.mean(dim=0), mask.shape)
-                counts[name].append(segmentation_counts_fixed(_minmax(heat), mask))
+                counts[name].append(segmentation_counts(_minmax(heat), mask, threshold=0.5))
                 if name == "neurons":
                     counts["neurons_mean_threshold"].append(segmentation_counts(heat, mask))
                 row[name] = heat

@@ -103,13 +103,14 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def segmentation_counts(heat: np.ndarray, mask: np.ndarray) -> Dict[str, float]:
+def segmentation_counts(heat: np.ndarray, mask: np.ndarray, threshold: Optional[float] = None) -> Dict[str, float]:
     """Per-image counts of the ImageNet-Segmentation protocol (METHODS.md §B): clip negatives, min-max normalise,
-    threshold at the soft map's mean. Returns correct/labelled pixels, intersection and union for background (0)
-    and object (1), and the image's average precision of the soft map."""
+    threshold at the soft map's mean (or at a fixed ``threshold`` on the normalised map: the second-order paper's
+    0.5). Returns correct/labelled pixels, intersection and union for background (0) and object (1), and the
+    image's average precision of the soft map."""
     soft = _soft_map(heat)
     gt = np.asarray(mask, dtype=bool)
-    pred = soft > soft.mean()
+    pred = soft > (soft.mean() if threshold is None else threshold)
     out = {"correct": float((pred == gt).sum()), "labelled": float(gt.size), "ap": average_precision(soft, gt)}
     for cls, (p, g) in enumerate([(~pred, ~gt), (pred, gt)]):
         out[f"inter{cls}"] = float((p & g).sum())
