@@ -1,208 +1,52 @@
-"""The ``nha`` command.
+"""The ``nha`` command: parses the command line and hands it to the sub-command's module.
 
     nha demo [--model scenes-rn] [--n 6] [--out demo_out]     decompose a few images, print and plot them
     nha describe --model scenes-rn --unit pair:H3N17 | head:3 | neuron:17 [--k 10] [--all --out FILE]
     nha benchmark [--model scenes-rn] [--dataset scenes] [--methods ...] [--metrics ...] [--quick] [--out DIR]
+    nha --help                                                 every command (answers without importing torch)
+
+Only the module of the command given is imported, so ``nha --help`` and ``nha --version`` stay fast.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import importlib
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-import torch
+from .common import COMMANDS, dispatch
 
-PHOTO_CLASSES = {"astronaut": "astronaut", "chelsea": "cat", "coffee": "coffee cup", "rocket": "rocket",
-                 "stereo_motorcycle": "motorcycle"}
+__all__ = ["main", "build_parser"]
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+DESCRIPTION = ("Exact decompositions of CLIP image encoders: neuron x head (ResNet), layer x head x token and "
+               "second-order neurons (ViT)")
 
 
-def _scene_batch(n: int, seed: int):
-    """Held-out generated scenes: images (N, 224, 224, 3) uint8, the object to explain, its mask, class names."""
-    from ..scenes import CATEGORIES, SHAPES, SceneDataset
-    classes = list(SHAPES) + list(CATEGORIES)
-    images, names, masks, truths = [], [], [], []
-    for scene in SceneDataset(n, seed=seed):
-        obj = max(scene.objects, key=lambda o: o.mask.sum())
-        images.append(scene.image)
-        names.append(obj.name)
-        masks.append(obj.mask)
-        truths.append(scene.captions[-1])
-    return np.stack(images), names, masks, truths, classes
-
-
-def _photo_batch(n: int):
-    """scikit-image's bundled photos, centre-cropped and resized to 224 px."""
-    from PIL import Image
-    from skimage import data
-    images, names = [], []
-    for loader, label in list(PHOTO_CLASSES.items())[:n]:
-        img = getattr(data, loader)()
-        img = img[0] if isinstance(img, tuple) else img
-        img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
-        side = min(img.shape[:2])
-        top, left = (img.shape[0] - side) // 2, (img.shape[1] - side) // 2
-        crop = Image.fromarray(img[top:top + side, left:left + side]).resize((224, 224), Image.BICUBIC)
-        images.append(np.asarray(crop))
-        names.append(label)
-    return np.stack(images), names, [None] * len(names), names, sorted(set(PHOTO_CLASSES.values()))
-
-
-def _to_tensor(images: np.ndarray, preprocess) -> torch.Tensor:
-    from PIL import Image
-    return torch.stack([preprocess(Image.fromarray(im)) for im in images])
-
-
-def _plot(images, maps, masks, titles, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch.nn.functional as F
-    n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(2.4 * n, 5.0), squeeze=False)
-    for i in range(n):
-        up = F.interpolate(maps[i][None, None].float(), size=images[i].shape[:2], mode="bilinear",
-                           align_corners=False)[0, 0].numpy()
-        lim = float(np.abs(up).max()) or 1.0
-        axes[0, i].imshow(images[i])
-        axes[0, i].set_title(titles[i], fontsize=8)
-        axes[1, i].imshow(images[i])
-        axes[1, i].imshow(up, cmap="bwr", vmin=-lim, vmax=lim, alpha=0.6)
-        if masks[i] is not None:
-            axes[1, i].contour(masks[i], levels=[0.5], colors="k", linewidths=0.8)
-        for ax in axes[:, i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    axes[1, 0].set_ylabel("NAD spatial map\n(red +, blue -)", fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _explain(nad, head, x, i, ti, names, truths, masks, classes, probs, maps) -> dict:
-    """One image's summary row: logit, exact completeness, top heads and pairs, map mass inside the object."""
-    xi = x[i:i + 1]
-    spatial, delta = nad.attribute(xi, target=ti, granularity="spatial", return_convergence_delta=True)
-    heads = nad.attribute(xi, target=ti, granularity="head")[0]
-    pairs = nad.attribute(xi, target=ti, granularity="pair")[0]
-    top_pairs = torch.topk(pairs.flatten(), 5).indices
-    C = pairs.shape[1]
-    row = {
-        "image": i, "truth": truths[i], "explained_class": names[i],
-        "predicted": classes[int(probs[i].argmax())], "p_explained": float(probs[i, ti]),
-        "logit": float(head(xi)[0, ti]), "completeness_abs_error": float(delta.abs().max()),
-        "top_heads": [(f"H{int(h)}", float(heads[h])) for h in torch.topk(heads, 3).indices],
-        "top_pairs": [(f"H{int(p) // C}N{int(p) % C}", float(pairs.flatten()[p])) for p in top_pairs],
-    }
-    if masks[i] is not None:
-        up = torch.nn.functional.interpolate(spatial.float(), size=masks[i].shape, mode="bilinear",
-                                             align_corners=False)[0, 0].clamp(min=0).numpy()
-        row["positive_mass_in_mask"] = float(up[masks[i]].sum() / max(up.sum(), 1e-12))
-        row["mask_area_fraction"] = float(masks[i].mean())
-    maps.append(spatial[0, 0])
-    return row
-
-
-def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed: int = 12345,
-         quiet: bool = False) -> dict:
-    """Decompose ``n`` images with the exact neuron x head decomposition; print a summary, save a PNG + JSON."""
-    from tqdm.auto import tqdm
-
-    import nha_plugin as nha
-    from ..harness import ZeroShotClassifier
-
-    model, preprocess, tokenizer = nha.load_clip(model_name)
-    if model_name == "scenes-rn":
-        images, names, masks, truths, classes = _scene_batch(n, seed)
-        note = "held-out generated scenes (seed %d)" % seed
-    else:
-        images, names, masks, truths, classes = _photo_batch(n)
-        note = "scikit-image photos; random-init weights explain nothing real" if model_name == "RN50" else "photos"
-    x = _to_tensor(images, preprocess)
-    head = ZeroShotClassifier(model, tokenizer, classes, templates=("a photo of a {}.", "a {}."))
-    nad = nha.NeuronHeadAttribution(head)
-    with torch.no_grad():
-        probs = head(x).softmax(-1)
-    target = torch.tensor([classes.index(nm) for nm in names])
-    spec = nad.spec
-    print(f"nha demo: {model_name} ({spec.source}; H={spec.num_heads} heads x C={spec.num_neurons} neurons, "
-          f"D={spec.output_dim}) on {len(x)} {note}")
-    rows, maps = [], []
-    with torch.no_grad():
-        for i in tqdm(range(len(x)), desc="decomposing", disable=quiet):
-            rows.append(_explain(nad, head, x, i, int(target[i]), names, truths, masks, classes, probs, maps))
-    for r in rows:
-        mass = (f" | positive map mass inside the object: {r['positive_mass_in_mask']:.0%} "
-                f"(object covers {r['mask_area_fraction']:.0%})") if "positive_mass_in_mask" in r else ""
-        print(f"\n[{r['image']}] {r['truth']!r}: explaining {r['explained_class']!r} (p={r['p_explained']:.2f}, "
-              f"predicted {r['predicted']!r}), logit {r['logit']:.3f}, completeness error {r['completeness_abs_error']:.1e}")
-        print("    top heads: " + ", ".join(f"{h} {v:+.3f}" for h, v in r["top_heads"]))
-        print("    top pairs: " + ", ".join(f"{p} {v:+.3f}" for p, v in r["top_pairs"]) + mass)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = out_dir / "nad_heatmaps.png"
-    _plot(images, maps, masks, [f"{r['explained_class']} ({r['p_explained']:.2f})" for r in rows], png)
-    summary = {"model": model_name, "images": note, "classes": classes, "results": rows}
-    _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
-    worst = max(r["completeness_abs_error"] for r in rows)
-    print(f"\nmax completeness error over {len(rows)} images: {worst:.2e} (logit units, float32)")
-    print(f"heat maps: {png}\nsummary:   {out_dir / 'summary.json'}")
-    return summary
-
-
-def _user_errors() -> tuple:
-    from ..models import PretrainedUnavailableError
-    from ..spec import UnsupportedModelError
-    from ..stats import StatsMismatchError
-    return (FileNotFoundError, NotADirectoryError, UnsupportedModelError, PretrainedUnavailableError,
-            StatsMismatchError)
-
-
-def _command_modules():
-    """Modules that add subcommands: each has ``add_parser(subparsers)`` and ``run(args) -> int``."""
-    from . import benchmark, describe, neurons, segment, shift, stats, vit
-    return [describe, benchmark, stats, segment, shift, vit, neurons]
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="nha", description="Exact decompositions of CLIP image encoders: neuron x head (ResNet), layer x head x token and second-order neurons (ViT)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="decompose a few images with the bundled model; print and plot")
-    p.add_argument("--model", default="scenes-rn", help="scenes-rn (bundled) or an open_clip name, e.g. RN50")
-    p.add_argument("--n", type=int, default=6, help="number of images")
-    p.add_argument("--seed", type=int, default=12345, help="scene seed (held out from training)")
-    p.add_argument("--out", default="demo_out", help="output folder for the PNG and JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+def build_parser(command: Optional[str] = None) -> tuple[argparse.ArgumentParser, dict]:
+    """The ``nha`` parser and ``{command: run}``. With a known ``command`` its module adds its full options;
+    otherwise every command is listed with its one-line help only (no module imported)."""
+    from .. import __version__
+    parser = argparse.ArgumentParser(prog="nha", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"nha_plugin {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runners = {}
-    for module in _command_modules():
+    if command in COMMANDS:
+        module = importlib.import_module(f".{COMMANDS[command][0]}", __package__)
         before = set(sub.choices)
         module.add_parser(sub)
         runners.update({name: module.run for name in set(sub.choices) - before})
+    else:
+        for name, (_, text) in COMMANDS.items():
+            sub.add_parser(name, help=text)
+    return parser, runners
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    parser, runners = build_parser(command)
     args = parser.parse_args(argv)
-    if args.command in runners:
-        try:
-            return runners[args.command](args)
-        except _user_errors() as err:
-            if os.environ.get("NHA_DEBUG"):
-                raise
-            print(f"nha {args.command}: error: {err}\n(set NHA_DEBUG=1 for the traceback)", file=sys.stderr)
-            return 2
-    if args.command == "demo":
-        if args.n < 1:
-            parser.error("--n must be at least 1")
-        demo(args.model, args.n, args.out, args.seed, args.quiet)
-    return 0
+    return dispatch(args.command, runners[args.command], args)
 
 
 if __name__ == "__main__":
