@@ -5,16 +5,18 @@
     stack, labels = cache.stack_head_results(return_labels=True)          # (H, B, D), ['H0', 'H1', ...]
     tl_model.run_with_hooks(images, fwd_hooks=[("attnpool.hook_pattern", fn)])
 
-Hook names: ``hook_layer4`` [B, C, h, w] and ``attnpool.hook_*`` (see :mod:`nha_plugin.hooks`).
+Hook names: ``hook_layer4`` [B, C, h, w] and ``attnpool.hook_*`` (see :mod:`nha_plugin.hooks`). The cache's neuron
+and pair stacks are :class:`nha_plugin.Contributions`'s, built from the cached hook values.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
+from nha_plugin.decomposition import Contributions, canonical_target
 from nha_plugin.hooks import HookedAttentionPool, find_pool
+from nha_plugin.pool import positional_embedding_for
 
 from . import get_spec, require_extra
 
@@ -51,50 +53,46 @@ class HookedCLIPResNet(HookedRootModule):
         return out, cache
 
 
-def _project(stack: Tensor, target: Optional[Tensor]) -> Tensor:
-    return stack if target is None else stack @ target.to(stack.dtype)
-
-
 class CLIPResNetActivationCache(ActivationCache):
     """Activation cache whose stacks split the embedding into labelled parts that sum to it (minus the
-    constant term). Stacks put the component axis first, as TransformerLens does; pass ``target`` (D,) to
-    get scores (components, B) instead of vectors (components, B, D)."""
+    constant term). Stacks put the component axis first, as TransformerLens does; pass ``target`` (D,) or
+    (D, K), as TransformerLens's ``project_output_onto``, to get scores (components, B) or (components, B, K)
+    instead of vectors (components, B, D)."""
 
-    def _coeffs(self) -> Tensor:
-        return self["attnpool.hook_pair_coeffs"]
+    REQUIRED = ("hook_layer4", "attnpool.hook_pattern", "attnpool.hook_pair_coeffs")
+
+    def contributions(self) -> Contributions:
+        """The cached run's :class:`~nha_plugin.Contributions` (bias ``'own'``, sink ``'keep'``), built from the
+        cached layer4 features, class attention and pair coefficients, edits made by hooks included."""
+        missing = [name for name in self.REQUIRED if name not in self.cache_dict]
+        if missing:
+            raise KeyError(f"the cache lacks {missing}; run run_with_cache without a names_filter, or with one that "
+                           f"keeps {list(self.REQUIRED)}")
+        spec = self.model.spec.detached()
+        features = self["hook_layer4"]
+        return Contributions(spec, features, positional_embedding_for(spec, features.shape[-2:]),
+                             self["attnpool.hook_pattern"], self["attnpool.hook_pair_coeffs"])
 
     def stack_head_results(self, target: Optional[Tensor] = None, return_labels: bool = False):
-        stack = _project(self["attnpool.hook_result"].transpose(0, 1), target)      # (H, B, D)
+        """Each head's cached result ``W_o^h z_h`` (its value bias included, as TransformerLens's ``result``),
+        (H, B, D), or projected onto ``target``; labels ``'H0'``, ... They sum to the embedding minus ``b_o``."""
+        stack = self["attnpool.hook_result"].transpose(0, 1)                      # (H, B, D)
+        if target is not None:
+            e, kind = canonical_target(target, stack.shape[-1], stack.shape[1], stack.dtype, stack.device,
+                                       per_image=False)
+            stack = stack @ (e[0] if kind == "set" else e[0, :, 0])
         labels = [f"H{h}" for h in range(stack.shape[0])]
         return (stack, labels) if return_labels else stack
 
     def stack_neuron_results(self, target: Optional[Tensor] = None, neurons: Optional[Sequence[int]] = None,
                              return_labels: bool = False):
-        from nha_plugin.pool import neuron_contributions
-        s = self._coeffs()
-        idx = torch.arange(s.shape[-1]) if neurons is None else torch.as_tensor(list(neurons))
-        stack = neuron_contributions(self.model.spec.detached(), s, idx).transpose(0, 1)      # (C', B, D)
-        labels = [f"N{int(n)}" for n in idx]
-        stack = _project(stack, target)
-        return (stack, labels) if return_labels else stack
+        """:meth:`Contributions.stack_neuron_contributions` of the cached run: (C', B, D), or (C', B) / (C', B, K)
+        with a target; labels ``'N17'``. All C neurons sum to the embedding minus the constant term."""
+        return self.contributions().stack_neuron_contributions(target, neurons, return_labels, per_image=False)
 
     def stack_pair_results(self, target: Optional[Tensor] = None, heads: Optional[Sequence[int]] = None,
                            neurons: Optional[Sequence[int]] = None, return_labels: bool = False):
-        """Pair contributions s[h,n] u[h,n], stacked as (P, B, D) or (P, B) with a target, labels 'H3N17'.
-        All H*C pairs of a large model are big: select ``heads``/``neurons`` or give a ``target``."""
-        from nha_plugin.pool import head_split, target_weights
-        spec = self.model.spec.detached()
-        s = self._coeffs()
-        H, C = s.shape[1:]
-        hs = torch.arange(H) if heads is None else torch.as_tensor(list(heads))
-        ns = torch.arange(C) if neurons is None else torch.as_tensor(list(neurons))
-        sub = s[:, hs][:, :, ns]                                                   # (B, h', n')
-        if target is not None:
-            g = target_weights(spec, target.to(s.dtype).view(-1, 1))[..., 0]        # (H, C)
-            stack = (sub * g[hs][:, ns]).flatten(1).T                                  # (P, B)
-        else:
-            wo, wv = head_split(spec)
-            u = torch.einsum("Dhj,hjn->hnD", wo[:, hs], wv[hs][..., ns])
-            stack = torch.einsum("bhn,hnD->hnbD", sub, u).flatten(0, 1)
-        labels = [f"H{int(h)}N{int(n)}" for h in hs for n in ns]
-        return (stack, labels) if return_labels else stack
+        """:meth:`Contributions.stack_pair_contributions` of the cached run: (P, B, D), or (P, B) / (P, B, K) with
+        a target; labels ``'H3N17'``. All H*C pairs of a large model are big: select ``heads``/``neurons`` or
+        give a ``target``."""
+        return self.contributions().stack_pair_contributions(target, heads, neurons, return_labels, per_image=False)

@@ -12,7 +12,8 @@ With F the layer4 output (B, C, h, w) and p the positional embedding (T, C), the
 Scores against a target direction e never need u: ``g[h,n] = (W_o^h^T e) . W_v^h[:, n]`` and the pair
 score is ``s * g``. Every reported component (pairs, heads, neurons, tokens, spatial cells, positional,
 bias, attention-sink residual) sums back to ``y . e`` exactly; :meth:`Contributions.completeness_error`
-measures it against the model's own attention pool.
+measures it against the model's own attention pool. The ``stack_*_contributions`` methods give heads, neurons
+and pairs as labelled stacks with the component axis first, as TransformerLens's ``ActivationCache`` does.
 
 The algebra (tokens, attention, directions, target weights) is :mod:`nha_plugin.pool`; per-token maps and the
 attention sink are :mod:`nha_plugin.pool_maps`. This module imports only torch and einops, and knows nothing of
@@ -27,15 +28,17 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .pool import (class_attention, constant_term, head_bias, head_outputs, neuron_contributions, pair_directions,
-                   positional_embedding_for, target_weights, tokens)
-from .pool_maps import check_sink, sink_value
+from .pool import (class_attention, constant_term, head_bias, head_outputs, head_split, neuron_contributions,
+                   pair_directions, positional_embedding_for, target_weights, tokens)
+from .pool_maps import apply_sink, check_sink
 from .spec import AttentionPoolSpec
 
-__all__ = ["Contributions", "decompose_features", "canonical_target", "LEVELS", "BIAS_MODES"]
+__all__ = ["Contributions", "decompose_features", "canonical_target", "finish_scores", "LEVELS", "BIAS_MODES"]
 
 LEVELS = ("pair", "head", "neuron", "token", "spatial")
 BIAS_MODES = ("own", "split")
+# s (B, H, C) against target weights g (B, H, C, K), summed to each level's components
+_COEFFICIENT_SUMS = {"pair": "bhn,bhnk->bkhn", "head": "bhn,bhnk->bkh", "neuron": "bhn,bhnk->bkn"}
 
 
 def _check_choice(name: str, value: str, choices: tuple) -> None:
@@ -45,7 +48,17 @@ def _check_choice(name: str, value: str, choices: tuple) -> None:
 
 def decompose_features(spec: AttentionPoolSpec, features: Tensor, *, sink: str = "keep",
                        bias: str = "own") -> "Contributions":
-    """Decompose layer4 features (B, C, h, w) through the attention pool of ``spec``."""
+    """Decompose layer4 features through the attention pool of ``spec``.
+
+    Args:
+        spec: the model's attention pool.
+        features: layer4 output F (B, C, h, w); another grid than the native one interpolates the positional
+            embedding (with a warning).
+        sink, bias: see :data:`nha_plugin.pool_maps.SINK_MODES` and :data:`BIAS_MODES`.
+
+    Returns:
+        :class:`Contributions` holding the attention (B, H, T) and the pair coefficients (B, H, C).
+    """
     check_sink(sink)
     _check_choice("bias", bias, BIAS_MODES)
     if features.dim() != 4 or features.shape[1] != spec.num_neurons:
@@ -67,7 +80,17 @@ def decompose_features(spec: AttentionPoolSpec, features: Tensor, *, sink: str =
 
 def canonical_target(target: Tensor, D: int, B: int, dtype: torch.dtype, device: torch.device,
                      per_image: Optional[bool] = None) -> tuple[Tensor, str]:
-    """Directions as (1 or B, D, K) and their kind ('single' (D,) | 'set' (D, K) | 'per_image' (B, D))."""
+    """Score targets in the one layout every score is computed in.
+
+    Args:
+        target: one direction (D,), a set of K directions (D, K), or one direction per image (B, D).
+        D, B: the embedding width and the batch size.
+        dtype, device: those of the decomposition (the target is cast to ``dtype``; it must be on ``device``).
+        per_image: which reading of a 2-D target is meant; needed only when B == D makes it ambiguous.
+
+    Returns:
+        ``(directions (1 or B, D, K), kind)`` with kind ``'single'`` | ``'set'`` | ``'per_image'``.
+    """
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor of shape (D,), (D, K) or (B, D); got {type(target).__name__}")
     if target.device != device:
@@ -95,6 +118,31 @@ def canonical_target(target: Tensor, D: int, B: int, dtype: torch.dtype, device:
     return target.unsqueeze(0), "set"
 
 
+def finish_scores(x: Tensor, kind: str, scale: Optional[Tensor]) -> Tensor:
+    """Scores (B, K, ...) in the caller's layout: divided by the cosine divisor ``scale`` (B, K) when given, and
+    without the K axis unless the target was a set (``kind`` from :func:`canonical_target`)."""
+    if scale is not None:
+        x = x / scale.view(*scale.shape, *([1] * (x.dim() - 2)))
+    return x if kind == "set" else x[:, 0]
+
+
+def _head_bias_shares(spec: AttentionPoolSpec) -> Tensor:
+    """The paper's split of beta over heads, (H, D): head h takes W_o^h b_v^h and b_o / H; each of its C pairs a
+    C-th of that (so b_v^h is spread evenly over the neurons and b_o over all H*C pairs)."""
+    return head_bias(spec) + spec.c_bias / spec.num_heads
+
+
+def _selection(chosen, size: int, name: str) -> Tensor:
+    """(n,) long indices of the chosen components, all ``size`` of them when None; refuses any out of range."""
+    if chosen is None:
+        return torch.arange(size)
+    idx = torch.as_tensor(chosen, dtype=torch.long).flatten().cpu()
+    bad = idx[(idx < 0) | (idx >= size)]
+    if bad.numel():
+        raise ValueError(f"{name} must be indices in 0..{size - 1} (the model has {size}); got {bad.tolist()}")
+    return idx
+
+
 class Contributions:
     """The decomposition of a batch of images.
 
@@ -109,6 +157,12 @@ class Contributions:
     Scores accept a ``target`` of shape (D,) (one direction), (D, K) (K directions) or (B, D) (one direction
     per image); pass ``per_image`` when a 2-D target is ambiguous. With ``normalize=True`` scores are
     divided by ||y|| ||e||, so they add up to the cosine similarity.
+
+    Stacks (:meth:`stack_head_contributions`, :meth:`stack_neuron_contributions`,
+    :meth:`stack_pair_contributions`) put the component axis first, as TransformerLens does, with labels
+    ``'H3'``, ``'N17'``, ``'H3N17'``: vectors (P, B, D) without a target, the level's scores (P, B) or (P, B, K)
+    with one. Like the scores they take the bias per ``bias``: under ``'own'`` they sum to the embedding minus
+    :attr:`constant` (to ``y . e`` minus :meth:`bias_score`), under ``'split'`` to the embedding itself.
     """
 
     def __init__(self, spec: AttentionPoolSpec, features: Tensor, positional_embedding: Tensor,
@@ -188,18 +242,9 @@ class Contributions:
             return None
         return self.embedding.norm(dim=-1)[:, None] * e.norm(dim=1)
 
-    @staticmethod
-    def _finish(x: Tensor, kind: str, scale: Optional[Tensor]) -> Tensor:
-        """x has K as its second axis: (B, K, ...). Divide by scale and drop K for single targets."""
-        if scale is not None:
-            x = x / scale.view(*scale.shape, *([1] * (x.dim() - 2)))
-        return x if kind == "set" else x[:, 0]
-
-    def _bias_parts(self, e: Tensor) -> tuple[Tensor, Tensor]:
-        """(head bias W_o^h b_v^h . e  (Bg, H, K), output bias b_o . e  (Bg, K))."""
-        hb = torch.einsum("hD,bDk->bhk", head_bias(self.spec), e)
-        ob = torch.einsum("D,bDk->bk", self.spec.c_bias, e)
-        return hb, ob
+    def _bias_total(self, e: Tensor) -> Tensor:
+        """beta . e, (Bg, K)."""
+        return torch.einsum("D,bDk->bk", self.constant, e)
 
     # ---- scores -------------------------------------------------------------------------------------
     def scores(self, target: Tensor, level: str = "pair", normalize: bool = False,
@@ -209,49 +254,58 @@ class Contributions:
         Shapes for one direction (a set of K directions inserts K after B):
         pair (B, H, C); head (B, H); neuron (B, C); token (B, T); spatial (B, h, w).
 
-        Completeness: ``scores(...).sum() + bias_score + positional_score (token/spatial: positional is
-        inside the token scores) + sink_score`` equals ``y . e`` (or the cosine when normalised).
+        Completeness: ``scores(...).sum() + rest_score(target, level)`` equals ``y . e`` (or the cosine when
+        normalised); the rest is ``bias_score + positional_score (spatial only: positional is inside the other
+        levels' scores) + sink_score (token/spatial)``.
         """
         _check_choice("level", level, LEVELS)
         e, kind = self._canonical_target(target, per_image)
+        return finish_scores(self._parts(e, level, with_rest=False)[0], kind, self._scale(e, normalize))
+
+    def rest_score(self, target: Tensor, level: str = "spatial", normalize: bool = False,
+                   per_image: Optional[bool] = None) -> Tensor:
+        """What the scores at ``level`` leave out of ``y . e``, (B,) or (B, K): :meth:`bias_score`, plus
+        :meth:`positional_score` at spatial level, plus :meth:`sink_score` at token and spatial levels."""
+        return self.scores_and_rest(target, level, normalize, per_image)[1]
+
+    def scores_and_rest(self, target: Tensor, level: str = "pair", normalize: bool = False,
+                        per_image: Optional[bool] = None) -> tuple[Tensor, Tensor]:
+        """``(scores(...), rest_score(...))`` computed in one pass (the two share the target weights and maps)."""
+        _check_choice("level", level, LEVELS)
+        e, kind = self._canonical_target(target, per_image)
+        out, rest = self._parts(e, level, with_rest=True)
+        scale = self._scale(e, normalize)
+        return finish_scores(out, kind, scale), finish_scores(rest, kind, scale)
+
+    def _parts(self, e: Tensor, level: str, with_rest: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """(scores (B, K, ...) at ``level``, the terms beside them (B, K) or None unless ``with_rest``) for
+        canonical directions e (Bg, D, K). The spatial rest holds the positional term, which costs as much as the
+        map itself: scores alone skip it."""
         g = target_weights(self.spec, e)                                   # (Bg, H, C, K)
-        s = self.pair_coefficients
-        if level in ("pair", "head", "neuron"):
-            if level == "pair":
-                out = torch.einsum("bhn,bhnk->bkhn", s, g.expand(s.shape[0], -1, -1, -1))
-            elif level == "head":
-                out = torch.einsum("bhn,bhnk->bkh", s, g.expand(s.shape[0], -1, -1, -1))
-            else:
-                out = torch.einsum("bhn,bhnk->bkn", s, g.expand(s.shape[0], -1, -1, -1))
-            if self.bias == "split":
-                out = out + self._split_bias(e, level, out.shape)
-        elif level == "token":
-            out = self._token_scores(g)
-            out = self._apply_sink(out, token_axis_offset=1)
-            if self.bias == "split":
-                out = out + self._bias_total(e)[..., None] / out.shape[-1]
+        beta = self._bias_total(e).expand(self.batch_size, -1)            # (B, K)
+        split = self.bias == "split"
+        if level in _COEFFICIENT_SUMS:
+            out = torch.einsum(_COEFFICIENT_SUMS[level], self.pair_coefficients, g.expand(self.batch_size, -1, -1, -1))
+            out, rest = (out + self._split_bias(e, level), torch.zeros_like(beta)) if split else (out, beta)
         else:
-            out = self._spatial_scores(g)
-            out = self._apply_sink(out, token_axis_offset=0)
-            if self.bias == "split":
-                out = out + self._bias_total(e)[..., None] / out.shape[-1]
-            out = out.view(*out.shape[:2], *self.grid)
-        return self._finish(out, kind, self._scale(e, normalize))
+            raw = self._token_scores(g) if level == "token" else self._spatial_scores(g)
+            out, rest = self._sunk(raw, level)                             # token (B, K, T) | spatial (B, K, h, w)
+            if split:
+                cells = out.shape[-1] if level == "token" else out.shape[-2] * out.shape[-1]
+                out = out + (beta / cells).view(*beta.shape, *([1] * (out.dim() - 2)))
+            else:
+                rest = rest + beta
+        if not with_rest:
+            return out, None
+        return out, (rest + self._positional(e, g) if level == "spatial" else rest)
 
-    def _split_bias(self, e: Tensor, level: str, shape: torch.Size) -> Tensor:
-        """The paper's convention: b_v spread evenly over the C neurons, b_o over all H*C pairs."""
-        hb, ob = self._bias_parts(e)                                       # (Bg, H, K), (Bg, K)
-        H, C = self.spec.num_heads, self.spec.num_neurons
-        pair = rearrange(hb, "b h k -> b k h 1") / C + ob[:, :, None, None] / (H * C)
-        if level == "pair":
-            return pair.expand(shape[0], -1, -1, C)
+    def _split_bias(self, e: Tensor, level: str) -> Tensor:
+        """Each pair, head or neuron's share of beta . e under ``bias='split'``, broadcastable to its scores."""
+        head = torch.einsum("hD,bDk->bkh", _head_bias_shares(self.spec), e)   # (Bg, K, H)
         if level == "head":
-            return pair[..., 0] * C
-        return pair.sum(dim=2).expand(shape[0], -1, C)
-
-    def _bias_total(self, e: Tensor) -> Tensor:
-        """beta . e, (Bg, K)."""
-        return torch.einsum("D,bDk->bk", self.constant, e)
+            return head
+        C = self.spec.num_neurons
+        return head[..., None] / C if level == "pair" else head.sum(dim=-1, keepdim=True) / C
 
     def _token_scores(self, g: Tensor) -> Tensor:
         """(B, K, T): sum_h a[h,t] z_t . g_h, with the mean token's spatial part left at token 0."""
@@ -267,18 +321,18 @@ class Contributions:
         weight = a[:, :, 1:] + a[:, :, :1] / flat.shape[1]                 # (B, H, hw)
         return torch.einsum("bkth,bht->bkt", fg, weight)
 
-    def _sink_replacement(self, scores: Tensor) -> Tensor:
-        """Value the sink cell gets under the current mode (scores (..., n_cells) in grid order)."""
-        return sink_value(scores.unflatten(-1, self.grid), self.sink)
+    def _sunk(self, raw: Tensor, level: str) -> tuple[Tensor, Tensor]:
+        """A token map (B, K, T) or spatial map (B, K, h*w) with the attention-sink cell (the last spatial one)
+        handled per ``sink``, spatial maps as grids (B, K, h, w); and what that removed from the cell, (B, K)."""
+        cells = (raw[..., 1:] if level == "token" else raw).unflatten(-1, self.grid)
+        sunk = apply_sink(cells, self.sink)
+        removed = cells[..., -1, -1] - sunk[..., -1, -1]
+        return (torch.cat([raw[..., :1], sunk.flatten(start_dim=-2)], dim=-1) if level == "token" else sunk), removed
 
-    def _apply_sink(self, scores: Tensor, token_axis_offset: int) -> Tensor:
-        """Replace the attention-sink cell (the last spatial token) per ``self.sink``; the removed part is
-        reported by :meth:`sink_score`. ``token_axis_offset`` is 1 for token scores (class token first)."""
-        if self.sink == "keep":
-            return scores
-        out = scores.clone()
-        out[..., -1] = self._sink_replacement(scores[..., token_axis_offset:])
-        return out
+    def _positional(self, e: Tensor, g: Tensor) -> Tensor:
+        """sum_h sum_t a[h,t] p_t . g_h, (B, K)."""
+        pg = torch.einsum("tn,bhnk->bkth", self.positional_embedding.to(g.dtype), g)
+        return torch.einsum("bkth,bht->bk", pg.expand(self.batch_size, -1, -1, -1), self.attention)
 
     def sink_score(self, target: Tensor, level: str = "spatial", normalize: bool = False,
                    per_image: Optional[bool] = None) -> Tensor:
@@ -290,10 +344,8 @@ class Contributions:
             out = torch.zeros(self.batch_size, e.shape[-1], dtype=e.dtype, device=e.device)
         else:
             g = target_weights(self.spec, e)
-            raw = self._token_scores(g) if level == "token" else self._spatial_scores(g)
-            spatial = raw[..., 1:] if level == "token" else raw
-            out = raw[..., -1] - self._sink_replacement(spatial)
-        return self._finish(out, kind, self._scale(e, normalize))
+            out = self._sunk(self._token_scores(g) if level == "token" else self._spatial_scores(g), level)[1]
+        return finish_scores(out, kind, self._scale(e, normalize))
 
     def bias_score(self, target: Tensor, normalize: bool = False, per_image: Optional[bool] = None) -> Tensor:
         """beta . e when ``bias='own'`` (its own term); zero under ``bias='split'``. (B,) or (B, K)."""
@@ -301,42 +353,119 @@ class Contributions:
         out = self._bias_total(e).expand(self.batch_size, -1)
         if self.bias == "split":
             out = torch.zeros_like(out)
-        return self._finish(out, kind, self._scale(e, normalize))
+        return finish_scores(out, kind, self._scale(e, normalize))
 
     def positional_score(self, target: Tensor, normalize: bool = False, per_image: Optional[bool] = None) -> Tensor:
         """sum_h sum_t a[h,t] p_t . g_h: the positional embedding's share, (B,) or (B, K). Part of the
         pair/head/neuron/token scores; separate from (and completing) the spatial map."""
         e, kind = self._canonical_target(target, per_image)
-        g = target_weights(self.spec, e)
-        pg = torch.einsum("tn,bhnk->bkth", self.positional_embedding.to(g.dtype), g)
-        out = torch.einsum("bkth,bht->bk", pg.expand(self.batch_size, -1, -1, -1), self.attention)
-        return self._finish(out, kind, self._scale(e, normalize))
+        out = self._positional(e, target_weights(self.spec, e))
+        return finish_scores(out, kind, self._scale(e, normalize))
 
     def total_score(self, target: Tensor, normalize: bool = False, per_image: Optional[bool] = None) -> Tensor:
         """y . e from the unmodified model's attention pool when it can run (else the rebuilt embedding)."""
         e, kind = self._canonical_target(target, per_image)
         y = self._reference_embedding()
         out = torch.einsum("bD,bDk->bk", y.to(e.dtype), e.expand(self.batch_size, -1, -1))
-        return self._finish(out, kind, self._scale(e, normalize))
+        return finish_scores(out, kind, self._scale(e, normalize))
 
     def completeness_error(self, target: Optional[Tensor] = None, level: str = "pair",
                            per_image: Optional[bool] = None) -> Tensor:
         """Relative residual between the sum of components at ``level`` and the model's own output.
 
         Without a target: ||beta + sum s u - y|| / ||y||, shape (B,). With a target: |sum of the level's
-        scores + the terms reported beside them - y . e| / (||y|| ||e||), shape (B,) or (B, K).
+        scores + :meth:`rest_score` - y . e| / (||y|| ||e||), shape (B,) or (B, K).
         """
         y = self._reference_embedding()
         if target is None:
             return (self.embedding - y).norm(dim=-1) / y.norm(dim=-1)
-        parts = self.scores(target, level=level, per_image=per_image)
+        parts, rest = self.scores_and_rest(target, level=level, per_image=per_image)
         e, kind = self._canonical_target(target, per_image)
         keep = 1 if kind == "set" else 0
-        total = parts.flatten(start_dim=1 + keep).sum(dim=-1)
-        total = total + self.bias_score(target, per_image=per_image)
-        if level == "spatial":
-            total = total + self.positional_score(target, per_image=per_image)
-        if level in ("spatial", "token"):
-            total = total + self.sink_score(target, level=level, per_image=per_image)
+        total = parts.flatten(start_dim=1 + keep).sum(dim=-1) + rest
         ref = self.total_score(target, per_image=per_image)
-        return (total - ref).abs() / self._finish(self._scale(e, True), kind, None)
+        return (total - ref).abs() / finish_scores(self._scale(e, True), kind, None)
+
+    # ---- labelled stacks, component axis first (TransformerLens's layout) ---------------------------------
+    def stack_head_contributions(self, target: Optional[Tensor] = None, return_labels: bool = False, *,
+                                 per_image: Optional[bool] = None):
+        """Each head's part of the embedding, labelled ``'H0'``, ``'H1'``, ...
+
+        Args:
+            target: None for vectors, else a target as for :meth:`scores` (then the stack is
+                ``scores(target, "head")`` with the head axis first).
+            return_labels: also return the labels.
+            per_image: as for :meth:`scores`.
+
+        Returns:
+            (H, B, D), or (H, B) / (H, B, K) with a target; with ``return_labels``, ``(stack, labels)``.
+        """
+        if target is not None:
+            stack = self.scores(target, level="head", per_image=per_image).movedim(-1, 0)
+        else:
+            stack = self.head_contributions().movedim(1, 0)
+            if self.bias == "split":
+                stack = stack + _head_bias_shares(self.spec)[:, None].to(stack)
+        labels = [f"H{h}" for h in range(self.spec.num_heads)]
+        return (stack, labels) if return_labels else stack
+
+    def stack_neuron_contributions(self, target: Optional[Tensor] = None, neurons=None, return_labels: bool = False,
+                                   *, per_image: Optional[bool] = None):
+        """Each neuron's part of the embedding (summed over heads), labelled ``'N17'``.
+
+        Args:
+            target: None for vectors, else a target as for :meth:`scores` (then ``scores(target, "neuron")``).
+            neurons: indices (a sequence or tensor) of the neurons to stack; all C by default.
+            return_labels: also return the labels.
+            per_image: as for :meth:`scores`.
+
+        Returns:
+            (C', B, D), or (C', B) / (C', B, K) with a target; with ``return_labels``, ``(stack, labels)``.
+        """
+        C = self.spec.num_neurons
+        idx = _selection(neurons, C, "neurons")
+        if target is not None:
+            stack = self.scores(target, level="neuron", per_image=per_image)[..., idx].movedim(-1, 0)
+        else:
+            stack = self.neuron_contributions(idx).movedim(1, 0)
+            if self.bias == "split":
+                stack = stack + (_head_bias_shares(self.spec).sum(dim=0) / C).to(stack)
+        labels = [f"N{n}" for n in idx.tolist()]
+        return (stack, labels) if return_labels else stack
+
+    def stack_pair_contributions(self, target: Optional[Tensor] = None, heads=None, neurons=None,
+                                 return_labels: bool = False, *, per_image: Optional[bool] = None):
+        """Pair contributions ``s[h,n] u[h,n]``, head-major, labelled ``'H3N17'``.
+
+        Without a target only the selected pairs' directions are built, (H', C', D); all H*C pairs of a large
+        model are big (RN50x16: 453 MB of directions, times B), so select ``heads``/``neurons`` or give a target
+        (then nothing of size D per pair is built).
+
+        Args:
+            target: None for vectors, else a target as for :meth:`scores` (then ``scores(target, "pair")``).
+            heads, neurons: indices (sequences or tensors) to stack; all by default.
+            return_labels: also return the labels.
+            per_image: as for :meth:`scores`.
+
+        Returns:
+            (P, B, D) with P = H' * C', or (P, B) / (P, B, K) with a target; with ``return_labels``,
+            ``(stack, labels)``.
+        """
+        C = self.spec.num_neurons
+        hs, ns = _selection(heads, self.spec.num_heads, "heads"), _selection(neurons, C, "neurons")
+        if target is not None:
+            scores = self.scores(target, level="pair", per_image=per_image)[..., hs, :][..., ns]
+            stack = scores.flatten(start_dim=-2).movedim(-1, 0)
+        else:
+            s = self.pair_coefficients[:, hs][:, :, ns]                          # (B, H', C')
+            wo, wv = head_split(self.spec)
+            u = torch.einsum("Dhj,hjn->hnD", wo[:, hs], wv[hs][..., ns]).to(s)   # (H', C', D)
+            stack = torch.einsum("bhn,hnD->hnbD", s, u)
+            if self.bias == "split":
+                stack = stack + (_head_bias_shares(self.spec)[hs] / C)[:, None, None].to(stack)
+            stack = stack.flatten(0, 1)
+        labels = [f"H{h}N{n}" for h in hs.tolist() for n in ns.tolist()]
+        return (stack, labels) if return_labels else stack
+
+    # ``finish_scores`` under its former name, for callers that have not moved to the public function yet
+    _finish = staticmethod(finish_scores)

@@ -27,10 +27,10 @@ from contextlib import contextmanager
 from typing import Iterator, Type
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
-from .spec import UnsupportedModelError, pool_weights_from_module
+from .pool import head_split, positional_embedding_for, tokens, value_tokens
+from .spec import AttentionPoolSpec, UnsupportedModelError, pool_weights_from_module
 
 __all__ = ["HookPoint", "HookedAttentionPool", "hooked", "HOOK_NAMES", "find_pool"]
 
@@ -69,33 +69,36 @@ class HookedAttentionPool(nn.Module):
     def __init__(self, pool: nn.Module, hook_cls: Type[nn.Module] = HookPoint):
         super().__init__()
         self.pool = pool
-        pool_weights_from_module(pool)  # fail early on an unknown layout
+        self.pool_spec()  # fail early on an unknown layout
         for name in HOOK_NAMES:
             setattr(self, name, hook_cls())
 
+    def pool_spec(self) -> AttentionPoolSpec:
+        """The wrapped pool's parameters as a spec, read on every call so that in-place edits count. It has no
+        trunk: only the pool is recomputed here."""
+        return AttentionPoolSpec(**pool_weights_from_module(self.pool), trunk=None)
+
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """The attention pool's output (B, D) for layer4 features x (B, C, h, w), through every hook point."""
         if pre_logits:
             raise ValueError("pre_logits=True is not supported by the hooked attention pool")
-        from .pool import interpolate_positional_embedding, tokens
-        w = pool_weights_from_module(self.pool)
-        H = w["num_heads"]
-        B, C, h, wd = x.shape
-        d = C // H
-        z = self.hook_tokens(tokens(x, interpolate_positional_embedding(w["positional_embedding"], (h, wd))))
-        T = z.shape[1]
-        q = self.hook_q((z @ w["q_weight"].T + w["q_bias"]).view(B, T, H, d))
-        k = self.hook_k((z @ w["k_weight"].T + w["k_bias"]).view(B, T, H, d))
-        v = self.hook_v((z @ w["v_weight"].T + w["v_bias"]).view(B, T, H, d))
+        spec = self.pool_spec()
+        H, d = spec.num_heads, spec.head_dim
+        z = self.hook_tokens(tokens(x, positional_embedding_for(spec, x.shape[-2:])))
+        B, T = z.shape[:2]
+        # all T queries are exposed (hook_q), though only the class token's row is attended with
+        q = self.hook_q((z @ spec.q_weight.T + spec.q_bias).view(B, T, H, d))
+        k = self.hook_k((z @ spec.k_weight.T + spec.k_bias).view(B, T, H, d))
+        v = self.hook_v(value_tokens(spec, z))
         scores = self.hook_attn_scores(torch.einsum("bhj,bthj->bht", q[:, 0], k) / math.sqrt(d))
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
         raw = torch.einsum("bht,btn->bhn", pattern, z)
         coeffs = self.hook_pair_coeffs(raw)
-        wv = rearrange(w["v_weight"], "(h j) n -> h j n", h=H)
+        wo, wv = head_split(spec)
+        # an edit of the pair coefficients reaches the output through the value path: + W_v^h (s_edited - s)
         zh = torch.einsum("bht,bthj->bhj", pattern, v) + torch.einsum("hjn,bhn->bhj", wv, coeffs - raw)
-        zh = self.hook_z(zh)
-        wo = rearrange(w["c_weight"], "D (h j) -> h D j", h=H)
-        result = self.hook_result(torch.einsum("hDj,bhj->bhD", wo, zh))
-        return self.hook_out(result.sum(dim=1) + w["c_bias"])
+        result = self.hook_result(torch.einsum("Dhj,bhj->bhD", wo, self.hook_z(zh)))
+        return self.hook_out(result.sum(dim=1) + spec.c_bias)
 
 
 @contextmanager

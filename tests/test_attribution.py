@@ -154,3 +154,32 @@ def test_readout_dimension_mismatch_and_missing_readout(tiny64):
         nha.NeuronHeadAttribution(lambda z: z)
     with pytest.raises(nha.UnsupportedModelError):
         nha.NeuronHeadAttribution(lambda z: z, readout=torch.randn(64, 2), model=torch.nn.Linear(2, 2))
+
+
+def test_delta_is_measured_against_forward_with_its_extra_args(tiny64, x):
+    """additional_forward_args reach forward_func for the delta only: a read-out that adds a shift the
+    decomposition cannot see leaves exactly that shift as the delta."""
+    W = torch.randn(64, 2, dtype=torch.float64)
+    forward = lambda imgs, shift: tiny64.encode_image(imgs) @ W + shift  # noqa: E731
+    nad = nha.NeuronHeadAttribution(forward, readout=W, model=tiny64)
+    shift = torch.tensor([[0.5, -2.0]], dtype=torch.float64)
+    attr, delta = nad.attribute(x, target=1, granularity="head", additional_forward_args=(shift,),
+                                return_convergence_delta=True)
+    torch.testing.assert_close(delta, torch.full((3,), 2.0, dtype=torch.float64), rtol=0, atol=1e-10)
+    _, plain = nad.attribute(x, target=1, granularity="head", additional_forward_args=torch.zeros(1, 2,
+                             dtype=torch.float64), return_convergence_delta=True)
+    assert plain.abs().max() < 1e-10
+
+
+def test_overrides_and_the_shared_base(classifier, x):
+    """logit_scale= rescales every attribution (the logit factor is linear in it); both read-out attributions
+    share ReadoutAttribution and refuse layer-input attribution."""
+    from nha_plugin.readout_attribution import ReadoutAttribution
+    nad = nha.NeuronHeadAttribution(classifier, granularity="neuron")
+    unit = nha.NeuronHeadAttribution(classifier, granularity="neuron", logit_scale=1.0)
+    a = nad.attribute(x, target=2)
+    torch.testing.assert_close(unit.attribute(x, target=2) * 100, a, rtol=1e-12, atol=1e-12 * a.abs().max())
+    assert isinstance(nad, ReadoutAttribution) and isinstance(nad, LayerAttribution)
+    assert nad.layer is classifier.model.visual.layer4 and not nad.multiplies_by_inputs
+    with pytest.raises(ValueError, match="attribute_to_layer_input"):
+        nad.attribute(x, target=0, attribute_to_layer_input=True)

@@ -8,7 +8,7 @@ from nha_plugin.adapters import get_spec
 from nha_plugin.decomposition import LEVELS, decompose_features
 from nha_plugin.pool import constant_term, pair_directions
 
-from conftest import images_for, make_tiny
+from conftest import images_for, make_tiny, scaled_tol
 
 TARGET_KINDS = ("single", "set", "per_image")
 
@@ -149,6 +149,25 @@ def test_scores_agree_with_dense_directions(tiny64):
     assert torch.allclose(contrib.scores(e, "neuron"), dense.sum(-2), atol=1e-12)
     assert torch.allclose(contrib.head_contributions() @ e, dense.sum(-1), atol=1e-12)
     assert torch.allclose(contrib.neuron_contributions() @ e, dense.sum(-2), atol=1e-12)
+
+
+@pytest.mark.parametrize("sink", ["keep", "interpolate"])
+@pytest.mark.parametrize("bias", ["own", "split"])
+def test_rest_score_is_the_named_terms(tiny64, tiny_features, sink, bias):
+    """rest_score = bias_score + positional_score (spatial) + sink_score (token/spatial), and scores_and_rest
+    returns exactly what scores and rest_score return apart."""
+    contrib = decompose_features(get_spec(tiny64), tiny_features[1], sink=sink, bias=bias)
+    e = _target("set", 64, 3, torch.float64)
+    for level in LEVELS:
+        named = contrib.bias_score(e)
+        if level == "spatial":
+            named = named + contrib.positional_score(e)
+        if level in ("spatial", "token"):
+            named = named + contrib.sink_score(e, level=level)
+        rest = contrib.rest_score(e, level=level)
+        torch.testing.assert_close(rest, named, rtol=0, atol=scaled_tol(named, 1e-12))
+        both = contrib.scores_and_rest(e, level=level)
+        assert torch.equal(both[0], contrib.scores(e, level=level)) and torch.equal(both[1], rest)
 
 
 def test_sink_modes_edit_only_the_last_cell(tiny64):

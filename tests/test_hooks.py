@@ -103,3 +103,48 @@ def test_transformer_lens_adapter(tiny64):
     # a zero attention row leaves head 0 contributing nothing, bias included
     assert torch.allclose(ablated, y - heads[0], atol=1e-10)
     assert all(len(h._forward_hooks) == 0 for h in tl.hook_dict.values())
+
+
+def test_hook_values_agree_with_the_decomposition(tiny64):
+    """The hooked pool's per-head values (sum_t a v_t through hook_v) equal the decomposition's W_v s_h + b_v^h,
+    and its head results the decomposition's head stack plus each head's value bias."""
+    x = images_for(tiny64)
+    seen = {}
+    with torch.no_grad(), hooked(tiny64) as pool:
+        for name in ("hook_z", "hook_result", "hook_v"):
+            getattr(pool, name).register_forward_hook(lambda m, i, o, n=name: seen.__setitem__(n, o))
+        tiny64.encode_image(x)
+    contrib = nha.decompose(tiny64, x)
+    spec = get_spec(tiny64).detached()
+    H, d = spec.num_heads, spec.head_dim
+    wv = spec.v_weight.view(H, d, -1)
+    z = torch.einsum("hjn,bhn->bhj", wv, contrib.pair_coefficients) + spec.v_bias.view(H, d)
+    assert torch.allclose(seen["hook_z"], z, atol=1e-12)
+    value_bias = torch.stack([spec.c_weight[:, i * d:(i + 1) * d] @ spec.v_bias[i * d:(i + 1) * d] for i in range(H)])
+    expected = contrib.stack_head_contributions() + value_bias[:, None]
+    assert torch.allclose(seen["hook_result"].transpose(0, 1), expected, atol=1e-12)
+
+
+def test_transformer_lens_cache_agrees_with_contributions(tiny64):
+    tl_mod = pytest.importorskip("nha_plugin.adapters.transformer_lens")
+    tl = tl_mod.HookedCLIPResNet(tiny64)
+    x = images_for(tiny64, batch=3)
+    with torch.no_grad():
+        _, cache = tl.run_with_cache(x)
+    contrib = nha.decompose(tiny64, x)
+    cached = cache.contributions()
+    for name in ("attention", "pair_coefficients", "features", "positional_embedding"):
+        assert torch.allclose(getattr(cached, name), getattr(contrib, name), atol=1e-12), name
+    e = torch.randn(64, 4, dtype=torch.float64)
+    for target in (None, e):
+        neurons, labels = cache.stack_neuron_results(target, neurons=[1, 9], return_labels=True)
+        ref, ref_labels = contrib.stack_neuron_contributions(target, neurons=[1, 9], return_labels=True)
+        assert labels == ref_labels == ["N1", "N9"] and torch.allclose(neurons, ref, atol=1e-12)
+        pairs, labels = cache.stack_pair_results(target, heads=[2], neurons=[5], return_labels=True)
+        ref, ref_labels = contrib.stack_pair_contributions(target, heads=[2], neurons=[5], return_labels=True)
+        assert labels == ref_labels == ["H2N5"] and torch.allclose(pairs, ref, atol=1e-12)
+    heads = cache.stack_head_results(e)
+    assert heads.shape == (8, 3, 4)
+    assert torch.allclose(heads.sum(0) + get_spec(tiny64).c_bias.detach() @ e, contrib.embedding @ e, atol=1e-10)
+    with pytest.raises(KeyError, match="names_filter"):
+        tl.run_with_cache(x, names_filter=["attnpool.hook_out"])[1].stack_neuron_results()

@@ -119,3 +119,11 @@ def test_errors_say_what_to_do(classifier, tiny_vit64, x):
         vit.ViTAttribution(lambda z: z)
     with pytest.raises(vit.UnsupportedModelError, match="NeuronHeadAttribution"):
         vit.ViTAttribution(lambda z: z, readout=torch.randn(64, 2), model=make_tiny(torch.float64))
+
+
+def test_shares_the_readout_base(classifier, x):
+    from nha_plugin.readout_attribution import ReadoutAttribution
+    nad = vit.ViTAttribution(classifier)
+    assert isinstance(nad, ReadoutAttribution) and nad.layer is classifier.model.visual.transformer.resblocks[-1]
+    with pytest.raises(ValueError, match="attribute_to_layer_input"):
+        nad.attribute(x, target=0, attribute_to_layer_input=True)

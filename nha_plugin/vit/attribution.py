@@ -1,28 +1,28 @@
 """``ViTAttribution``: the exact CLIP-ViT decomposition as a Captum layer attribution.
 
-The CLIP-ViT sibling of :class:`nha_plugin.NeuronHeadAttribution`: same read-out detection (a module carrying
-``readout`` (D, K), ``logit_scale``, ``normalize``, ``model``, such as ``nha_plugin.harness.ZeroShotClassifier``),
-same Captum target semantics and return conventions, exact convergence deltas.
+The CLIP-ViT sibling of :class:`nha_plugin.NeuronHeadAttribution`: both are
+:class:`nha_plugin.readout_attribution.ReadoutAttribution` subclasses, so they share the read-out detection (a
+module carrying ``readout`` (D, K), ``logit_scale``, ``normalize``, ``model``, such as
+``nha_plugin.harness.ZeroShotClassifier``), Captum's target semantics and return conventions, and exact
+convergence deltas.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence, Union
 
-from captum.attr import LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from ..attribution import (NeuronHeadAttribution, _check_granularity, _convergence_delta, _images,
-                           _readout_from, _scaled, _target_directions)
+from ..readout_attribution import ReadoutAttribution
 from .decomposition import ViTContributions, decompose
-from .spec import vit_spec
+from .spec import ViTSpec, vit_spec
 
 __all__ = ["ViTAttribution", "GRANULARITIES"]
 
 GRANULARITIES = ("spatial", "head", "layer", "token")
 
 
-class ViTAttribution(LayerAttribution):
+class ViTAttribution(ReadoutAttribution):
     r"""Exact attribution of a CLIP-ViT read-out to patches, heads, layers or (layer, head, token) entries.
 
     The image embedding is the exact sum of the embedding, MLP and (layer, head, token) components with
@@ -51,23 +51,26 @@ class ViTAttribution(LayerAttribution):
         up = LayerAttribution.interpolate(attr, images.shape[-2:])       # attr: (B, 1, gh, gw)
     """
 
-    _targets = NeuronHeadAttribution._targets
-    has_convergence_delta = NeuronHeadAttribution.has_convergence_delta
-    multiplies_by_inputs = NeuronHeadAttribution.multiplies_by_inputs
+    granularities = GRANULARITIES
+    family = "CLIP-ViT"
+    decomposed = "the residual stream's components"
 
     def __init__(self, forward_func: Callable, layer: Optional[nn.Module] = None,
                  device_ids: Optional[Sequence[int]] = None, *, readout: Optional[Tensor] = None,
                  model: Optional[nn.Module] = None, logit_scale: Optional[float] = None,
                  normalize: Optional[bool] = None, granularity: str = "spatial",
                  token_layers: Union[str, Sequence[int]] = "all") -> None:
-        self.spec, self.readout, self.logit_scale, self.normalize = _readout_from(
-            forward_func, readout, model, logit_scale, normalize, spec_of=vit_spec, who="ViTAttribution",
-            family="CLIP-ViT")
-        _check_granularity(granularity, GRANULARITIES)
-        self.defaults = dict(granularity=granularity, token_layers=token_layers)
-        if layer is None and self.spec.module is not None:
-            layer = self.spec.module.transformer.resblocks[-1]
-        super().__init__(forward_func, layer, device_ids)
+        super().__init__(forward_func, layer, device_ids, readout=readout, model=model, logit_scale=logit_scale,
+                         normalize=normalize, granularity=granularity, token_layers=token_layers)
+
+    @staticmethod
+    def spec_of(model: nn.Module) -> ViTSpec:
+        """The CLIP-ViT's :class:`ViTSpec` (:func:`nha_plugin.vit.spec.vit_spec`)."""
+        return vit_spec(model)
+
+    def default_layer(self) -> Optional[nn.Module]:
+        """The last residual block (its patch tokens carry the map), or None for a spec without a module."""
+        return self.spec.module.transformer.resblocks[-1] if self.spec.module is not None else None
 
     def contributions(self, inputs: Tensor, token_layers: Union[str, Sequence[int], None] = None) -> ViTContributions:
         """The full :class:`ViTContributions` behind an attribution."""
@@ -94,19 +97,6 @@ class ViTAttribution(LayerAttribution):
         Returns:
             attributions, or ``(attributions, delta)``.
         """
-        if attribute_to_layer_input:
-            raise ValueError("attribute_to_layer_input=True is not supported: the decomposition is of the "
-                             "residual stream's components")
-        granularity = granularity or self.defaults["granularity"]
-        _check_granularity(granularity, GRANULARITIES)
-        inputs, is_tuple = _images(inputs)
-        targets = self._targets(target, inputs.shape[0])
-        contrib = self.contributions(inputs, token_layers)
-        e, factor = _target_directions(self, targets, contrib, contrib.embedding.dtype)
-        attr, rest = contrib.scores_and_rest(e, level=granularity, per_image=True)
-        attr = _scaled(attr, factor, granularity)
-        out = (attr,) if is_tuple else attr
-        if not return_convergence_delta:
-            return out
-        total = attr.flatten(start_dim=1).sum(dim=1) + rest * factor
-        return out, _convergence_delta(self.forward_func, inputs, additional_forward_args, targets, total)
+        return self.attribute_readout(inputs, target, additional_forward_args, granularity=granularity,
+                                      return_convergence_delta=return_convergence_delta,
+                                      attribute_to_layer_input=attribute_to_layer_input, token_layers=token_layers)
