@@ -95,7 +95,8 @@ def _encode_trimmed(model: nn.Module, tokenizer: Callable, texts: Sequence[str])
     the result: cutting the context to the longest text in the batch is exact and, for single words,
     ~10x cheaper than the full 77 tokens. Returns None for models this does not apply to."""
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
-    if not all(getattr(model, n, None) is not None for n in needed) or getattr(model, "text_pool_type", None) != "argmax":
+    if not all(getattr(model, n, None) is not None for n in needed) \
+            or getattr(model, "text_pool_type", None) != "argmax":
         return None
     device = model.positional_embedding.device
     tokens = tokenizer(list(texts)).to(device)

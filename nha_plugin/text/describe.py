@@ -54,6 +54,7 @@ class TextDictionary:
         return len(self.texts)
 
     def words(self, codes: SparseCodes, row: int) -> list[tuple[str, float]]:
+        """[(text, coefficient), ...] of row ``row`` of OMP codes over this dictionary."""
         return codes.words(self.texts, row)
 
 
@@ -71,6 +72,7 @@ def build_dictionary(model: nn.Module, tokenizer: Callable, pool: Union[str, Seq
 
 
 def pair_label(h: int, n: int) -> str:
+    """The label of pair (head ``h``, neuron ``n``): ``"H3N17"``."""
     return f"H{h}N{n}"
 
 

@@ -1,4 +1,5 @@
-"""Train a bundled planted-concept CLIP (``scenes-rn``, ``scenes-vit``) contrastively on generated scenes (seeded, resumable).
+"""Train a bundled planted-concept CLIP (``scenes-rn``, ``scenes-vit``) contrastively on generated scenes (seeded,
+resumable).
 
 Batch ``s`` holds scenes ``(seed, s * batch_size + b)`` of :mod:`nha_plugin.scenes` and
 one caption per scene drawn with ``default_rng((seed, 1, s))``, so a run is a pure function of its
