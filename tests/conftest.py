@@ -140,12 +140,24 @@ def assert_plain_prompts_pick_the_planted_object(model, tokenizer, seed: int) ->
 
 
 def assert_checkpoints_equal(resumed_path, straight_path, step: int) -> None:
-    """A training run interrupted and resumed ends where an uninterrupted one does: same step, same weights."""
-    resumed = torch.load(resumed_path, weights_only=False)
-    straight = torch.load(straight_path, weights_only=False)
+    """A training run interrupted and resumed ends where an uninterrupted one does: same step, bit-identical
+    weights, optimizer state and torch RNG state, same evaluations (checkpoints read with
+    ``files.load_state``: nothing is unpickled)."""
+    from nha_plugin.files import load_state
+
+    resumed, straight = load_state(resumed_path), load_state(straight_path)
     assert resumed["step"] == straight["step"] == step
+    assert resumed["model"].keys() == straight["model"].keys()
     for k, v in straight["model"].items():
         assert torch.equal(resumed["model"][k], v), k
+    opt_r, opt_s = resumed["optimizer"], straight["optimizer"]
+    assert opt_r["param_groups"] == opt_s["param_groups"] and opt_r["state"].keys() == opt_s["state"].keys()
+    for i, slots in opt_s["state"].items():
+        assert slots.keys() == opt_r["state"][i].keys()
+        for name, v in slots.items():
+            assert torch.equal(opt_r["state"][i][name], v), (i, name)
+    assert torch.equal(resumed["rng"]["torch"], straight["rng"]["torch"])
+    assert resumed["history"] == straight["history"] and resumed["best"] == straight["best"]
 
 
 def assert_target_forms_agree(nad, x) -> None:
@@ -209,3 +221,13 @@ def assert_greedy_picks_agree(a, b, *, rtol: float = 1e-10) -> None:
     if not torch.equal(a.indices, b.indices):
         n = int((a.indices != b.indices).nonzero()[0]) + 1
     torch.testing.assert_close(a.variances[:n], b.variances[:n], rtol=rtol, atol=scaled_tol(b.variances, rtol))
+
+
+def planted(marker):
+    """An object whose unpickling creates the file ``marker``: stands for any code a planted pickle could run.
+    ``pickle.dumps`` / ``torch.save`` it (inside any container) to plant a malicious file."""
+    class Planted:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    return Planted()

@@ -1,17 +1,21 @@
 """The bundled planted-concept CLIP-ResNet ``scenes-rn``: offline loading, accuracy floors, training script."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nha_plugin import files
 from nha_plugin import scenes as S
+from nha_plugin.files import CorruptFileError
+from nha_plugin.runs import RunMismatchError
 from nha_plugin.zoo import _scenes_rn as Z
 from nha_plugin.zoo import train_scenes_rn as T
 
-from conftest import assert_checkpoints_equal, assert_plain_prompts_pick_the_planted_object
+from conftest import assert_checkpoints_equal, assert_plain_prompts_pick_the_planted_object, planted
 
 # a held-out seed used neither for training (seed 0) nor for picking the shipped checkpoint (1000-1002)
 TEST_SEED = 2000
@@ -91,26 +95,75 @@ def test_training_batches_are_deterministic_and_positives_are_true():
     assert not torch.equal(T.make_batch(4, 6, 0, tok)[0], x1)
 
 
-def test_training_script_runs_and_resumes_exactly(tmp_path, capsys):
-    def run(name, *extra):
-        # --threads: keep the test session's thread count (main() sets it process-wide)
-        return T.main(["--batch-size", "4", "--eval-n", "4", "--eval-every", "2", "--warmup", "1", "--quiet",
-                       "--threads", str(torch.get_num_threads()),
-                       "--checkpoint", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / f"{name}.safetensors"),
-                       *extra])
+def _train(tmp_path, name, *extra):
+    # --threads: keep the test session's thread count (main() sets it process-wide)
+    return T.main(["--batch-size", "4", "--eval-n", "4", "--eval-every", "2", "--warmup", "1", "--quiet",
+                   "--threads", str(torch.get_num_threads()),
+                   "--checkpoint", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / f"{name}.safetensors"),
+                   *extra])
 
-    result = run("a", "--steps", "3", "--stop-at", "2")
+
+def test_training_script_runs_and_resumes_exactly(tmp_path, capsys):
+    result = _train(tmp_path, "a", "--steps", "3", "--stop-at", "2")
     assert np.isfinite(result["final_loss"])
-    assert torch.load(tmp_path / "a.pt", weights_only=False)["step"] == 2
+    assert files.load_state(tmp_path / "a.pt")["step"] == 2
     model = Z.build_scenes_rn()
     model.load_state_dict(Z.load_state_dict_file(tmp_path / "a.safetensors"))  # strict: exported keys are the model's
-    run("a", "--steps", "3")
+    # another learning rate would not end where an uninterrupted run does: refused, naming the option
+    with pytest.raises(RunMismatchError, match=r"(?s)config\.lr: found 0\.002, expected 0\.001.*--fresh.*--new-opt"):
+        _train(tmp_path, "a", "--steps", "3", "--lr", "1e-3")
+    # another data seed is another run even with --new-options (which only admits new schedule options)
+    with pytest.raises(RunMismatchError, match=r"data\.seed: found 0, expected 1") as e:
+        _train(tmp_path, "a", "--steps", "3", "--seed", "1", "--new-options")
+    assert "--new-options" not in str(e.value)
+    assert files.load_state(tmp_path / "a.pt")["step"] == 2
+    _train(tmp_path, "a", "--steps", "3")
     assert "resumed from" in capsys.readouterr().out
-    run("b", "--steps", "3")
+    _train(tmp_path, "b", "--steps", "3")
     assert_checkpoints_equal(tmp_path / "a.pt", tmp_path / "b.pt", step=3)
     evaluated = T.main(["--evaluate-only", "--eval-n", "4", "--out", str(tmp_path / "b.safetensors"),
                         "--threads", str(torch.get_num_threads())])
     assert set(evaluated) >= {"colour", "name", "background"} and json.dumps(evaluated["prompts"])
+    # --fresh starts over with the new options (one step) and replaces the checkpoint
+    _train(tmp_path, "b", "--steps", "3", "--lr", "1e-3", "--stop-at", "1", "--fresh")
+    assert "resumed from" not in capsys.readouterr().out
+    state = files.load_state(tmp_path / "b.pt")
+    assert state["step"] == 1 and state["key"]["config"]["lr"] == 1e-3
+    # --new-options continues it with another learning rate, as a new phase from step 1
+    _train(tmp_path, "b", "--steps", "3", "--stop-at", "2", "--new-options")
+    state = files.load_state(tmp_path / "b.pt")
+    assert state["step"] == 2
+    assert [(p["from_step"], p["config"]["lr"]) for p in state["phases"]] == [(0, 1e-3), (1, 2e-3)]
+
+
+def test_a_planted_pickle_checkpoint_is_never_loaded(tmp_path):
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(planted(tmp_path / "probe"))).close()
+    assert (tmp_path / "probe").exists()                      # the payload works: the assertions below can fail
+    for name in ("pickled", "torch_saved"):
+        path = tmp_path / f"{name}.pt"
+        if name == "pickled":
+            path.write_bytes(pickle.dumps({"model": planted(marker), "step": 1}))
+        else:
+            torch.save({"model": planted(marker), "step": 1}, path)
+        with pytest.raises(CorruptFileError, match="pickle") as e:
+            _train(tmp_path, name, "--steps", "1")
+        assert e.value.path == path and str(path) in str(e.value)
+    # a valid state file that is not a trainer checkpoint is refused too, naming the file
+    files.save_state(tmp_path / "other.pt", {"step": 1})
+    with pytest.raises(CorruptFileError, match="no training checkpoint") as e:
+        _train(tmp_path, "other", "--steps", "1")
+    assert e.value.path == tmp_path / "other.pt"
+    assert not marker.exists()
+
+
+def test_cli_reports_a_refused_checkpoint_in_one_line(tmp_path, capsys):
+    torch.save({"model": {}}, tmp_path / "x.pt")
+    assert T.run_cli(["--checkpoint", str(tmp_path / "x.pt"), "--steps", "1", "--quiet",
+                      "--threads", str(torch.get_num_threads()), "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(tmp_path / "x.pt") in err and "--fresh" in err
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_help_runs():

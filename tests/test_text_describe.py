@@ -1,6 +1,6 @@
 """Describe: unit directions against independent computations, planted words, all pairs to JSON/Parquet, CLI."""
-import importlib
 import json
+import pickle
 
 import open_clip
 import pytest
@@ -10,8 +10,10 @@ import torch.nn.functional as F
 import nha_plugin as nha
 from nha_plugin import text
 from nha_plugin.adapters import get_spec
-describe_mod = importlib.import_module("nha_plugin.text.describe")   # the package re-exports a function of that name
-from tests.conftest import images_for, make_tiny
+from nha_plugin.files import CorruptFileError
+from nha_plugin.runs import RunMismatchError
+from nha_plugin.text import all_pairs
+from tests.conftest import images_for, make_tiny, planted
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def test_all_pairs_json_parquet_and_resume(spec, tmp_path, monkeypatch):
     ref = text.describe(spec, "pair:H5N17", words, k=4)
     assert row["words"] == [w for w, _ in ref["words"]]
     # resume: all chunks exist, so nothing is recomputed and the outputs are the same
-    monkeypatch.setattr(describe_mod, "sparse_decompose", lambda *a, **k: pytest.fail("recomputed a chunk"))
+    monkeypatch.setattr(all_pairs, "sparse_decompose", lambda *a, **k: pytest.fail("recomputed a chunk"))
     before = outs[0].read_bytes()
     outs[0].unlink()
     text.describe_all_pairs(spec, words, outs, k=4, heads_per_chunk=3, progress=False)
@@ -138,11 +140,98 @@ def test_head_text_span_picks_a_planted_text_direction(spec):
     assert res["texts"][0] == "w42"
 
 
-def test_all_pairs_parts_from_other_weights_are_recomputed(spec, tmp_path):
+def test_all_pairs_parts_from_other_weights_or_words_are_refused_and_fresh_recomputes(spec, tmp_path):
     words = _random_dictionary(spec.output_dim, N=100)
     out = [tmp_path / "p.json"]
     text.describe_all_pairs(spec, words, out, k=2, heads_per_chunk=8, progress=False)
     other = get_spec(make_tiny(torch.float32, seed=3))
-    text.describe_all_pairs(other, words, out, k=2, heads_per_chunk=8, progress=False)
+    with pytest.raises(RunMismatchError, match=r"(?s)p\.json\.parts.*  weights: found .*--fresh"):
+        text.describe_all_pairs(other, words, out, k=2, heads_per_chunk=8, progress=False)
+    fewer = text.TextDictionary(texts=words.texts[:99], embeddings=words.embeddings[:99], atoms=words.atoms[:99])
+    with pytest.raises(RunMismatchError, match=r"data\.num_texts: found 100, expected 99") as e:
+        text.describe_all_pairs(spec, fewer, out, k=2, heads_per_chunk=8, progress=False)
+    assert "data.texts: found" in str(e.value) and "data.atoms: found" in str(e.value)
+    with pytest.raises(RunMismatchError, match=r"config\.k: found 2, expected 3"):
+        text.describe_all_pairs(spec, words, out, k=3, heads_per_chunk=8, progress=False)
+    text.describe_all_pairs(other, words, out, k=2, heads_per_chunk=8, progress=False, fresh=True)
     row = json.loads(out[0].read_text())["pairs"][3 * 512 + 17]
     assert row["words"] == [w for w, _ in text.describe(other, "pair:H3N17", words, k=2)["words"]]
+
+
+def test_planted_pickles_in_the_parts_folder_are_never_unpickled(spec, tmp_path):
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(planted(tmp_path / "probe"))).close()
+    assert (tmp_path / "probe").exists()                      # the payload works: the assertions below can fail
+    words = _random_dictionary(spec.output_dim, N=50)
+    out = [tmp_path / "p.json", tmp_path / "p.parquet"]
+    pytest.importorskip("pyarrow")
+    text.describe_all_pairs(spec, words, out, k=2, heads_per_chunk=4, progress=False)
+    parts = tmp_path / "p.json.parts"
+    read = sorted(p.name for p in parts.iterdir())
+    assert read == ["heads_00000.part.safetensors", "heads_00004.part.safetensors", "run.json"]
+    for name in read:
+        good = (parts / name).read_bytes()
+        for kind in ("pickle", "torch"):
+            if kind == "pickle":
+                (parts / name).write_bytes(pickle.dumps({"indices": planted(marker)}))
+            else:
+                torch.save({"indices": planted(marker)}, parts / name)
+            with pytest.raises(CorruptFileError) as e:
+                text.describe_all_pairs(spec, words, out, k=2, heads_per_chunk=4, progress=False)
+            assert e.value.path == parts / name and str(parts / name) in str(e.value)
+        (parts / name).write_bytes(good)
+    # a valid state file of another shape under a part's name is refused too, naming the file
+    from nha_plugin.files import save_state
+    save_state(parts / read[1], {"indices": torch.zeros(3, 2, dtype=torch.int32)})
+    with pytest.raises(CorruptFileError, match="a part of this run") as e:
+        text.describe_all_pairs(spec, words, out, k=2, heads_per_chunk=4, progress=False)
+    assert e.value.path == parts / read[1]
+    assert not marker.exists()
+
+
+def test_cli_describe_all_refuses_another_run_in_one_line_and_fresh_works(tiny, tmp_path, monkeypatch, capsys):
+    from nha_plugin.cli import describe as cli
+    monkeypatch.setattr(nha, "load_clip", lambda *a, **k: (tiny, None, open_clip.get_tokenizer("RN50")))
+    pool = tmp_path / "words.txt"
+    pool.write_text("\n".join(text.common_words(60)))
+    base = ["describe", "--model", "tiny", "--pool", str(pool), "--templates", "none", "--cache-dir",
+            str(tmp_path / "cache"), "--quiet", "--all", "--out", str(tmp_path / "all.json"), "--heads-per-chunk", "8"]
+    assert cli.main(base + ["--k", "3"]) == 0
+    capsys.readouterr()
+    assert cli.main(base + ["--k", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "config.k: found 3, expected 2" in err and "--fresh" in err
+    assert cli.main(base + ["--k", "2", "--fresh"]) == 0
+    assert len(json.loads((tmp_path / "all.json").read_text())["pairs"][0]["words"]) == 2
+    (tmp_path / "all.json.parts" / "run.json").write_bytes(pickle.dumps(planted(tmp_path / "marker")))
+    assert cli.main(base + ["--k", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(tmp_path / "all.json.parts" / "run.json") in err
+    assert not (tmp_path / "marker").exists()
+
+
+def test_cli_stats_reads_safetensors_and_never_unpickles(tiny, spec, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
+    from nha_plugin.cli import describe as cli
+    monkeypatch.setattr(nha, "load_clip", lambda *a, **k: (tiny, None, open_clip.get_tokenizer("RN50")))
+    pool = tmp_path / "words.txt"
+    pool.write_text("\n".join(text.common_words(60)))
+    base = ["describe", "--model", "tiny", "--pool", str(pool), "--templates", "none", "--cache-dir",
+            str(tmp_path / "cache"), "--quiet", "--unit", "neuron:4", "--k", "3", "--json"]
+    s = torch.randn(6, spec.num_heads, spec.num_neurons, generator=torch.Generator().manual_seed(0))
+    save_file({"pair_coefficients": s}, str(tmp_path / "s.safetensors"))
+    assert cli.main(base + ["--stats", str(tmp_path / "s.safetensors")]) == 0
+    got = json.loads(capsys.readouterr().out)[0]
+    assert got["source"] == "data"
+    assert got == json.loads(json.dumps(text.describe_units(spec, ["neuron:4"], _dictionary_of(tiny, pool), 3,
+                                                            coefficients=s)[0]))
+    torch.save({"pair_coefficients": planted(tmp_path / "marker")}, tmp_path / "s.pt")
+    with pytest.raises(SystemExit, match="never unpickled") as e:
+        cli.main(base + ["--stats", str(tmp_path / "s.pt")])
+    assert str(tmp_path / "s.pt") in str(e.value) and not (tmp_path / "marker").exists()
+
+
+def _dictionary_of(model, pool):
+    return text.build_dictionary(model, open_clip.get_tokenizer("RN50"), f"file:{pool}", None, cache_dir=False,
+                                 progress=False)

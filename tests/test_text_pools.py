@@ -1,14 +1,16 @@
 """Word pools, templates and the text-embedding cache."""
+import json
 import os
+import pickle
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nha_plugin import text
+from nha_plugin import files, text
 from nha_plugin.text import cache as cache_mod
-from tests.conftest import make_tiny
+from tests.conftest import make_tiny, planted
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,53 @@ def test_cache_is_reused_and_keyed(tiny, tmp_path, monkeypatch):
     c = text.embed_texts(other, tok, words, None, cache_dir=tmp_path, progress=False)
     assert len(calls) == 4 and not torch.allclose(a, c)
     files = os.listdir(tmp_path)
-    assert len(files) == 4 and not any(f.endswith(".tmp") for f in files)
+    assert len(files) == 4 and all(f.endswith(".safetensors") for f in files)
+
+
+def _one_cache_file(directory):
+    found = list(directory.glob("text-*.safetensors"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_corrupt_or_mismatched_cache_files_are_recomputed_with_a_warning(tiny, tmp_path, monkeypatch):
+    """A cache is never an error: unreadable files, planted pickles, and files whose metadata, shape or dtype
+    are not what is asked for are recomputed (the right embeddings come back) and overwritten."""
+    model, tok = tiny
+    words = ["red", "green", "blue"]
+    truth = text.embed_texts(model, tok, words, None, cache_dir=False, progress=False)
+    text.embed_texts(model, tok, words, None, cache_dir=tmp_path, progress=False)
+    path = _one_cache_file(tmp_path)
+    good = path.read_bytes()
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(planted(tmp_path / "probe"))).close()
+    assert (tmp_path / "probe").exists()                      # the payload works: the assertion below can fail
+    key = cache_mod.cache_key(model, tok, words, None)
+    meta = {"nha_text_cache": json.dumps(key, sort_keys=True)}
+    wrong = {"truncated": lambda: path.write_bytes(good[:-10]),
+             "empty": lambda: path.write_bytes(b""),
+             "flipped": lambda: path.write_bytes(good[:-3] + bytes([good[-3] ^ 0x55]) + good[-2:]),
+             "pickle": lambda: torch.save({"embeddings": planted(marker)}, path),
+             "other texts": lambda: files.save_tensors(path, {"embeddings": truth},
+                                                       {"nha_text_cache": json.dumps({**key, "texts": "x"})}),
+             "wrong rows": lambda: files.save_tensors(path, {"embeddings": truth[:2]}, meta),
+             "wrong width": lambda: files.save_tensors(path, {"embeddings": F.normalize(truth[:, :5], dim=1)}, meta),
+             "wrong dtype": lambda: files.save_tensors(path, {"embeddings": truth.double()}, meta),
+             "not unit": lambda: files.save_tensors(path, {"embeddings": truth * 2}, meta),
+             "no embeddings": lambda: files.save_tensors(path, {"other": truth}, meta)}
+    calls = []
+    real = cache_mod._embed
+    monkeypatch.setattr(cache_mod, "_embed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name, plant in wrong.items():
+        plant()
+        with pytest.warns(UserWarning, match="recomputing") as record:
+            got = text.embed_texts(model, tok, words, None, cache_dir=tmp_path, progress=False)
+        assert str(path) in str(record[0].message), name
+        torch.testing.assert_close(got, truth, atol=1e-6, rtol=0)
+        assert got.dtype == torch.float32 and _one_cache_file(tmp_path) == path
+        assert text.embed_texts(model, tok, words, None, cache_dir=tmp_path, progress=False).shape == truth.shape
+    assert len(calls) == len(wrong)                          # each recomputed once, then read from the cache
+    assert not marker.exists()
 
 
 def test_trimmed_context_equals_encode_text(tiny):

@@ -4,14 +4,20 @@
     nha describe --model scenes-rn --unit neuron:17 --subconcepts --scenes 256     # heads/neurons from data
     nha describe --model RN50x16 --all --out pairs.parquet --out pairs.json --k 64 --device cuda
 
+``--all`` keeps resumable parts in ``<first --out>.parts/``: a killed run resumes there; a run with other
+settings, words or weights is refused (exit 2) unless ``--fresh`` discards it.
+
 Wire into the ``nha`` parser with :func:`add_parser` and dispatch with :func:`run`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
+
+from .common import standalone_main
 
 __all__ = ["add_parser", "run", "main"]
 
@@ -40,25 +46,46 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-pairs", type=int, default=8, help="--subconcepts: the most important pairs shown (0: all)")
     p.add_argument("--scenes", type=int, default=0,
                    help="heads/neurons: PC0 over N generated scenes (otherwise from weights alone)")
-    p.add_argument("--stats", default=None, help="heads/neurons: a torch file holding pair coefficients (B, H, C)")
+    p.add_argument("--stats", default=None,
+                   help="heads/neurons: a safetensors file holding pair coefficients (B, H, C), as its only tensor "
+                        "or under 'pair_coefficients'")
     p.add_argument("--device", default="cpu", help="cpu | cuda (OMP and text embedding)")
     p.add_argument("--seed", type=int, default=0,
                    help="torch seed set before loading, so random-init models (no --pretrained) are the same "
                         "in every run and their text embeddings are cached")
     p.add_argument("--heads-per-chunk", type=int, default=1, help="--all: heads per resumable chunk")
+    p.add_argument("--fresh", action="store_true", help="--all: discard the parts of an earlier run and start over")
     p.add_argument("--cache-dir", default=None, help="text-embedding cache (default ~/.cache/nha_plugin/text)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
+_SAVE_HINT = "write it with safetensors.torch.save_file({'pair_coefficients': s}, path)"
+
+
+def _read_coefficients(path: str):
+    """Pair coefficients (B, H, C) from a safetensors file: its ``pair_coefficients`` tensor or its only one."""
+    from ..files import CorruptFileError, load_tensors
+    try:
+        tensors, _ = load_tensors(path)
+    except CorruptFileError as err:
+        raise SystemExit(f"nha describe: --stats {path} is empty, truncated, corrupted or not safetensors (a "
+                         f"torch/pickle file is never unpickled); expected pair coefficients (B, H, C): "
+                         f"{_SAVE_HINT}") from err
+    if "pair_coefficients" in tensors:
+        return tensors["pair_coefficients"]
+    if len(tensors) != 1:
+        raise SystemExit(f"nha describe: --stats {path} holds tensors {sorted(tensors)}; expected one tensor, or "
+                         f"one named 'pair_coefficients' (B, H, C): {_SAVE_HINT}")
+    return next(iter(tensors.values()))
+
+
 def _coefficients(args, model, preprocess):
+    """Pair coefficients (B, H, C) for heads and neurons: from --stats, from --scenes N scenes, or None."""
     import torch
     if args.stats:
-        s = torch.load(args.stats, map_location="cpu", weights_only=True)
-        if isinstance(s, dict):
-            s = s["pair_coefficients"]
-        return s
+        return _read_coefficients(args.stats)
     if args.scenes > 0:
         from PIL import Image
         from tqdm.auto import tqdm
@@ -82,12 +109,30 @@ def _print_table(desc: dict, indent: str = "") -> None:
     print(f"{indent}{desc['unit']:>12} [{desc['source']}; residual {desc['relative_residual']:.2f}{extra}] {words}")
 
 
+def _describe_all(args, spec, words, k: int) -> int:
+    """``--all``: every pair to the --out files; a refused or corrupt run folder is one error line, exit 2."""
+    from ..files import CorruptFileError
+    from ..runs import RunMismatchError
+    from ..text.all_pairs import describe_all_pairs
+    try:
+        header = describe_all_pairs(spec, words, args.out, k=k, heads_per_chunk=args.heads_per_chunk,
+                                    device=args.device, progress=not args.quiet, fresh=args.fresh,
+                                    meta={"model": args.model, "pretrained": args.pretrained})
+    except (RunMismatchError, CorruptFileError) as err:
+        if os.environ.get("NHA_DEBUG"):
+            raise
+        print("nha describe: error: " + " ".join(line.strip() for line in str(err).splitlines()), file=sys.stderr)
+        return 2
+    print(f"described {header['num_pairs']} pairs with {k} words from {header['num_texts']} texts: "
+          + ", ".join(args.out))
+    return 0
+
+
 def run(args) -> int:
     """Execute a parsed ``describe`` command."""
     import nha_plugin as nha
     from ..adapters import get_spec
-    from ..text.describe import (build_dictionary, describe_all_pairs, describe_units, head_text_span, parse_unit,
-                           subconcepts)
+    from ..text.describe import build_dictionary, describe_units, head_text_span, parse_unit, subconcepts
 
     if not args.all and not args.unit:
         raise SystemExit("nha describe: give --unit pair:H3N17|head:3|neuron:17 (repeatable) or --all --out FILE")
@@ -106,12 +151,7 @@ def run(args) -> int:
     if args.k is None and k > len(words) - 1:
         k = max(1, min(k, len(words) - 1))                        # centring leaves N - 1 independent atoms
     if args.all:
-        header = describe_all_pairs(spec, words, args.out, k=k, heads_per_chunk=args.heads_per_chunk,
-                                    device=args.device, progress=not args.quiet,
-                                    meta={"model": args.model, "pretrained": args.pretrained})
-        print(f"described {header['num_pairs']} pairs with {k} words from {header['num_texts']} texts: "
-              + ", ".join(args.out))
-        return 0
+        return _describe_all(args, spec, words, k)
     coeffs = _coefficients(args, model, preprocess) if any(kd != "pair" for kd, _ in units) else None
     results = []
     for (kind, index), name in zip(units, args.unit):
@@ -142,10 +182,7 @@ def run(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Stand-alone entry point: ``python -m nha_plugin.cli.describe describe ...``."""
-    parser = argparse.ArgumentParser(prog="nha")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    return run(parser.parse_args(argv))
+    return standalone_main(add_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ Modules, one job each:
   lower-case ASCII alphabetic words of two letters or more; ImageNet class names; the ``scenes-rn``
   vocabulary; a user file) and the 80 CLIP ImageNet templates.
 - :mod:`~nha_plugin.text.cache`: text embeddings in batches, with or without templates (normalise each
-  template embedding, average, renormalise), cached on disk keyed by the text tower's weights, the pool and
-  the templates; written atomically.
+  template embedding, average, renormalise), cached on disk as checksummed safetensors keyed by the text
+  tower's weights, the pool and the templates; a corrupt or mismatched cache file is recomputed.
 - :mod:`~nha_plugin.text.omp`: :func:`sparse_decompose`, OMP with exactly k atoms per target, batched over
   targets, chunked, torch on CPU or GPU; agrees with scikit-learn's ``orthogonal_mp``.
   :func:`prepare_dictionary` centres over texts then normalises each text (default) or, as the reference
@@ -25,16 +25,18 @@ Modules, one job each:
 - :mod:`~nha_plugin.text.textspan`: :func:`text_span`, the greedy TextSpan basis (METHODS.md §B) from a
   data matrix or a streamed covariance.
 - :mod:`~nha_plugin.text.describe`: descriptions of pairs (from weights alone), heads and neurons (PC0 of
-  their contributions when pair coefficients over a dataset are given), the sub-concept view, and every
-  pair of a model to JSON/Parquet with resumable chunks.
+  their contributions when pair coefficients over a dataset are given) and the sub-concept view.
   :func:`head_text_span` runs TextSpan on an attention-pool head's contributions over a dataset.
+- :mod:`~nha_plugin.text.all_pairs`: every pair of a model to JSON/Parquet, in resumable parts of a
+  :class:`nha_plugin.runs.RunDir` keyed by the settings, dictionary and weights (``--fresh`` starts over).
 - :mod:`~nha_plugin.text.groundtruth`: the planted-concept check on ``scenes-rn`` (pairs selected from scene
   data, without text, described by their concept's word; random pairs as the control).
 - :mod:`~nha_plugin.cli.describe`: ``nha describe``.
 """
+from .all_pairs import describe_all_pairs
 from .cache import embed_texts
-from .describe import (TextDictionary, build_dictionary, collect_coefficients, describe, describe_all_pairs,
-                       describe_units, head_text_span, parse_unit, subconcepts, unit_direction)
+from .describe import (TextDictionary, build_dictionary, collect_coefficients, describe, describe_units,
+                       head_text_span, parse_unit, subconcepts, unit_direction)
 from .omp import SparseCodes, prepare_dictionary, sparse_decompose
 from .pools import (common_words, get_pool, get_templates, imagenet_classes, imagenet_templates, read_pool,
                     scenes_vocabulary)

@@ -2,14 +2,19 @@
 
 With templates, each text's embedding is the renormalised mean of its normalised template embeddings (the
 CLIP zero-shot recipe). The cache key hashes the text tower's weights (every parameter and buffer outside
-``visual``), the tokenizer's class, the pool and the templates, so a retrained model or a changed pool never
-reads a stale file. Files are written atomically (temporary file + ``os.replace``) and reused across runs.
-Default directory: ``$NHA_CACHE_DIR`` or ``~/.cache/nha_plugin/text``.
+``visual``, exactly: :func:`nha_plugin.runs.module_fingerprint`), the tokenizer's class and context length, the
+texts and the templates, so a retrained model or a changed pool never reads a stale file. Files are checksummed
+safetensors written atomically (:func:`nha_plugin.files.save_tensors`; nothing is unpickled). A cache file that
+is corrupt, or whose texts, templates, shape or dtype differ from what is asked for, is recomputed and
+overwritten with a warning: it is a cache, never an error. Default directory: ``$NHA_CACHE_DIR`` or
+``~/.cache/nha_plugin/text``.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -17,37 +22,69 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..files import CorruptFileError, load_tensors, save_tensors
 from ..readout import encode_texts
+from ..runs import module_fingerprint, texts_fingerprint
 
-__all__ = ["embed_texts", "text_tower_fingerprint", "default_cache_dir", "cache_key"]
+__all__ = ["embed_texts", "default_cache_dir", "cache_key", "CACHE_VERSION"]
+
+CACHE_VERSION = 2            # 1: torch.save'd ``text-<key>.pt`` files (no longer read)
+_META = "nha_text_cache"
 
 
 def default_cache_dir() -> Path:
+    """``$NHA_CACHE_DIR``, else ``~/.cache/nha_plugin/text``."""
     return Path(os.environ.get("NHA_CACHE_DIR", Path.home() / ".cache" / "nha_plugin" / "text"))
 
 
-def text_tower_fingerprint(model: nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and values of every tensor outside the image tower."""
-    h = hashlib.sha256()
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    for name, t in sorted(tensors, key=lambda kv: kv[0]):
-        if name.startswith("visual."):
-            continue
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def cache_key(model: nn.Module, tokenizer: Callable, texts: Sequence[str],
+              templates: Optional[Sequence[str]]) -> dict:
+    """What identifies a cache file: the text tower's exact weights, the tokenizer, the texts and templates.
+
+    Returns:
+        ``{"version", "tower", "tokenizer", "texts", "templates"}``: str/int values (sha256 hex digests for
+        the tower, texts and templates); the file name hashes the whole dict.
+    """
+    tokenizer_id = f"{type(tokenizer).__qualname__}:{getattr(tokenizer, 'context_length', '')}"
+    return {"version": CACHE_VERSION, "tower": module_fingerprint(model, exclude=("visual.",), exact=True),
+            "tokenizer": tokenizer_id, "texts": texts_fingerprint(texts),
+            "templates": texts_fingerprint(templates or [])}
 
 
-def cache_key(fingerprint: str, tokenizer: Callable, texts: Sequence[str],
-              templates: Optional[Sequence[str]]) -> str:
-    h = hashlib.sha256()
-    h.update(fingerprint.encode())
-    h.update(type(tokenizer).__qualname__.encode())
-    h.update(str(getattr(tokenizer, "context_length", "")).encode())
-    h.update("\x00".join(texts).encode())
-    h.update(b"\x01")
-    h.update("\x00".join(templates or ()).encode())
-    return h.hexdigest()[:32]
+def _embed_dim(model: nn.Module) -> Optional[int]:
+    """The text embedding width D when the model says it (open_clip's ``text_projection``), else None."""
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, nn.Linear):
+        return proj.out_features
+    return proj.shape[-1] if isinstance(proj, Tensor) and proj.dim() == 2 else None
+
+
+def _read_cache(path: Path, key: str, rows: int, dim: Optional[int]) -> Optional[Tensor]:
+    """The cached unit embeddings (rows, dim) float32 at ``path``, or None (with a warning unless the file is
+    missing) when it is absent, corrupt, or holds something other than what ``key`` (the JSON of
+    :func:`cache_key`, sorted keys) and the shape ask for."""
+    try:
+        tensors, meta = load_tensors(path)
+    except FileNotFoundError:
+        return None
+    except CorruptFileError:
+        warnings.warn(f"text-embedding cache {path} is unreadable (empty, truncated, corrupted or not written by "
+                      "nha_plugin); recomputing and overwriting it", stacklevel=3)
+        return None
+    emb = tensors.get("embeddings")
+    problem = None
+    if meta.get(_META) != key:
+        problem = "it was written for other texts, templates or weights"
+    elif emb is None or emb.dtype != torch.float32 or emb.dim() != 2 or emb.shape[0] != rows \
+            or (dim is not None and emb.shape[1] != dim):
+        got = "no embeddings" if emb is None else f"{emb.dtype} {tuple(emb.shape)}"
+        problem = f"it holds {got}, expected torch.float32 ({rows}, {dim if dim is not None else 'D'})"
+    elif not bool(torch.isfinite(emb).all()) or float((emb.norm(dim=1) - 1).abs().max()) > 1e-3:
+        problem = "its rows are not finite unit vectors"
+    if problem is not None:
+        warnings.warn(f"text-embedding cache {path}: {problem}; recomputing and overwriting it", stacklevel=3)
+        return None
+    return emb
 
 
 @torch.no_grad()
@@ -58,7 +95,8 @@ def _encode_trimmed(model: nn.Module, tokenizer: Callable, texts: Sequence[str])
     the result: cutting the context to the longest text in the batch is exact and, for single words,
     ~10x cheaper than the full 77 tokens. Returns None for models this does not apply to."""
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
-    if not all(getattr(model, n, None) is not None for n in needed) or getattr(model, "text_pool_type", None) != "argmax":
+    if not all(getattr(model, n, None) is not None for n in needed) \
+            or getattr(model, "text_pool_type", None) != "argmax":
         return None
     device = model.positional_embedding.device
     tokens = tokenizer(list(texts)).to(device)
@@ -120,6 +158,10 @@ def embed_texts(model: nn.Module, tokenizer: Callable, texts: Sequence[str],
         batch_size: prompts per forward pass of the text tower.
         cache_dir: directory of the cache; ``None`` -> :func:`default_cache_dir`; ``False`` -> no cache.
         progress: tqdm bar while embedding.
+
+    Returns:
+        (N, D) float32 unit rows on the CPU, from the cache when a valid file is there (a corrupt or
+        mismatched one is recomputed with a warning and overwritten).
     """
     texts = list(texts)
     if not texts:
@@ -129,18 +171,10 @@ def embed_texts(model: nn.Module, tokenizer: Callable, texts: Sequence[str],
     if cache_dir is False:
         return _embed(model, tokenizer, texts, templates, batch_size, progress)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = cache_key(text_tower_fingerprint(model), tokenizer, texts, templates)
-    path = directory / f"text-{key}.pt"
-    if path.is_file():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if blob["texts"] == texts and blob["templates"] == list(templates or []):
-                return blob["embeddings"]
-        except Exception:   # a corrupt or foreign file is recomputed and overwritten, never trusted
-            pass
-    emb = _embed(model, tokenizer, texts, templates, batch_size, progress)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save({"texts": texts, "templates": list(templates or []), "embeddings": emb}, tmp)
-    os.replace(tmp, path)
+    key = json.dumps(cache_key(model, tokenizer, texts, templates), sort_keys=True)
+    path = directory / f"text-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+    emb = _read_cache(path, key, len(texts), _embed_dim(model))
+    if emb is None:
+        emb = _embed(model, tokenizer, texts, templates, batch_size, progress)
+        save_tensors(path, {"embeddings": emb}, {_META: key})
     return emb

@@ -11,26 +11,22 @@ Unit names follow TransformerLens-style labels: ``pair:H3N17`` (head 3, neuron 1
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
-from ..pool import pair_directions, pc_sign
+from ..pool import neuron_blocks, pair_directions, pc_sign
 from ..spec import AttentionPoolSpec
 from .cache import embed_texts
 from .omp import SparseCodes, prepare_dictionary, sparse_decompose
 from .pools import get_pool, get_templates
 
 __all__ = ["TextDictionary", "build_dictionary", "parse_unit", "unit_direction", "describe", "describe_units",
-           "subconcepts", "describe_all_pairs", "collect_coefficients", "pair_label", "head_text_span"]
+           "subconcepts", "collect_coefficients", "pair_label", "head_text_span"]
 
 _UNIT_RE = re.compile(r"^(?:pair:)?H(\d+)N(\d+)$|^head:(\d+)$|^H(\d+)$|^neuron:(\d+)$|^N(\d+)$")
 
@@ -58,6 +54,7 @@ class TextDictionary:
         return len(self.texts)
 
     def words(self, codes: SparseCodes, row: int) -> list[tuple[str, float]]:
+        """[(text, coefficient), ...] of row ``row`` of OMP codes over this dictionary."""
         return codes.words(self.texts, row)
 
 
@@ -75,6 +72,7 @@ def build_dictionary(model: nn.Module, tokenizer: Callable, pool: Union[str, Seq
 
 
 def pair_label(h: int, n: int) -> str:
+    """The label of pair (head ``h``, neuron ``n``): ``"H3N17"``."""
     return f"H{h}N{n}"
 
 
@@ -101,12 +99,9 @@ def _check_index(kind: str, index: tuple[int, ...], spec: AttentionPoolSpec) -> 
         raise ValueError(f"neuron {n} out of range: this model has C={C} neurons (0..{C - 1})")
 
 
-def _neuron_pairs(spec: AttentionPoolSpec, n: int) -> Tensor:
-    """U_n = [u[0,n] ... u[H-1,n]], (H, D)."""
-    H, d = spec.num_heads, spec.head_dim
-    wo = rearrange(spec.c_weight, "D (h j) -> D h j", h=H, j=d)
-    wv = rearrange(spec.v_weight[:, n], "(h j) -> h j", h=H, j=d)
-    return torch.einsum("Dhj,hj->hD", wo, wv)
+def _neuron_pairs(spec: AttentionPoolSpec, n: int, dtype: torch.dtype) -> Tensor:
+    """U_n = [u[0,n] ... u[H-1,n]], (H, D) in ``dtype``."""
+    return neuron_blocks(spec, slice(n, n + 1), dtype)[0].T
 
 
 def _pc0(x: Tensor, reference: Optional[Tensor] = None) -> Tensor:
@@ -146,7 +141,7 @@ def unit_direction(spec: AttentionPoolSpec, unit: Union[str, tuple[str, tuple[in
         u = pair_directions(spec, heads=slice(h, h + 1))[0, n]
         return F.normalize(u.to(dt), dim=0)
     if kind == "neuron":
-        U = _neuron_pairs(spec, index[0]).to(dt)                                 # (H, D)
+        U = _neuron_pairs(spec, index[0], dt)                                    # (H, D)
         if coefficients is None:
             return _pc0(U, reference=U.sum(dim=0))
         return _pc0(coefficients[:, :, index[0]].to(U) @ U)
@@ -200,7 +195,7 @@ def subconcepts(spec: AttentionPoolSpec, neuron: int, dictionary: TextDictionary
     Returns ``{"neuron": description, "pairs": [description + "importance", ...]}``.
     """
     _check_index("neuron", (neuron,), spec)
-    norms = _neuron_pairs(spec.detached(), neuron).float().norm(dim=1)          # (H,)
+    norms = _neuron_pairs(spec, neuron, torch.float32).norm(dim=1)              # (H,)
     importance = norms if coefficients is None else norms * coefficients[:, :, neuron].float().std(dim=0)
     order = importance.argsort(descending=True)[:top].tolist()
     units = [f"neuron:{neuron}"] + [f"pair:H{h}N{neuron}" for h in order]
@@ -233,123 +228,3 @@ def collect_coefficients(model: nn.Module, images: Iterable[Tensor]) -> Tensor:
     if not out:
         raise ValueError("no images given")
     return torch.cat(out)
-
-
-# ---- all pairs -------------------------------------------------------------------------------------------
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def describe_all_pairs(spec: AttentionPoolSpec, dictionary: TextDictionary, outputs: Sequence[Union[str, Path]],
-                       k: int = 64, *, heads_per_chunk: int = 1, device=None, chunk_size: Optional[int] = None,
-                       progress: bool = True, meta: Optional[dict] = None, screen: Optional[int] = None) -> dict:
-    """OMP descriptions of every pair (H * C of them) written to JSON and/or Parquet files.
-
-    Work proceeds in chunks of ``heads_per_chunk`` heads; each finished chunk is saved atomically under
-    ``<first output>.parts/``, so an interrupted run resumes where it stopped (parts from a run with other
-    settings, weights or dictionary are discarded and recomputed). Outputs are written atomically once all
-    chunks exist; the parts stay for re-export and can be deleted afterwards.
-
-    Args:
-        outputs: paths ending in ``.json`` or ``.parquet``.
-        meta: extra fields for the output header (e.g. the model name).
-
-    Returns the header dict (model sizes, pool, k, normalization, number of pairs).
-    """
-    outputs = [Path(p) for p in outputs]
-    if not outputs:
-        raise ValueError("give at least one output path (.json or .parquet)")
-    for p in outputs:
-        if p.suffix not in (".json", ".parquet"):
-            raise ValueError(f"output {p} must end in .json or .parquet")
-    spec = spec.detached()
-    H, C = spec.num_heads, spec.num_neurons
-    header = {"num_heads": H, "num_neurons": C, "output_dim": spec.output_dim, "num_pairs": H * C, "k": k,
-              "pool": dictionary.pool, "num_texts": len(dictionary), "normalization": dictionary.normalization,
-              "templates": len(dictionary.templates or []), "screen": screen, **(meta or {})}
-    parts_dir = outputs[0].with_name(outputs[0].name + ".parts")
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = json.dumps({**header, "texts_hash": hash_texts(dictionary.texts),
-                              "weights_hash": _tensor_hash(spec.v_weight, spec.c_weight, dictionary.atoms),
-                              "heads_per_chunk": heads_per_chunk}, sort_keys=True)
-    stamp = parts_dir / "settings.json"
-    if not stamp.is_file() or stamp.read_text() != fingerprint:
-        for old in parts_dir.glob("heads_*.pt"):
-            old.unlink()
-        _atomic_bytes(stamp, fingerprint.encode())
-    from tqdm.auto import tqdm
-    chunks = list(range(0, H, heads_per_chunk))
-    for h0 in tqdm(chunks, desc=f"describing {H * C} pairs", unit="chunk", disable=not progress):
-        part = parts_dir / f"heads_{h0:05d}.pt"
-        if part.is_file():
-            continue
-        h1 = min(H, h0 + heads_per_chunk)
-        u = pair_directions(spec, heads=slice(h0, h1)).float().reshape(-1, spec.output_dim)
-        norms = u.norm(dim=1)
-        codes = sparse_decompose(F.normalize(u, dim=1), dictionary.atoms, k=k, device=device,
-                                 chunk_size=chunk_size, screen=screen)
-        blob = {"indices": codes.indices.cpu().int(), "coefficients": codes.coefficients.cpu().float(),
-                "relative_residual": (codes.residual_norms / codes.target_norms).cpu().float(),
-                "direction_norm": norms.cpu()}
-        tmp = part.with_name(f"{part.name}.{os.getpid()}.tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, part)
-    blobs = [torch.load(parts_dir / f"heads_{h0:05d}.pt", weights_only=True) for h0 in chunks]
-    cat = {key: torch.cat([b[key] for b in blobs]) for key in blobs[0]}
-    heads = torch.arange(H).repeat_interleave(C)
-    neurons = torch.arange(C).repeat(H)
-    for path in outputs:
-        if path.suffix == ".json":
-            _write_json(path, header, dictionary.texts, cat, heads, neurons)
-        else:
-            _write_parquet(path, header, dictionary.texts, cat, heads, neurons)
-    return header
-
-
-def hash_texts(texts: Sequence[str]) -> str:
-    import hashlib
-    return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
-
-
-def _tensor_hash(*tensors: Tensor) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _write_json(path: Path, header: dict, texts, cat: dict, heads: Tensor, neurons: Tensor) -> None:
-    idx, coef = cat["indices"].tolist(), cat["coefficients"].tolist()
-    res, nrm = cat["relative_residual"].tolist(), cat["direction_norm"].tolist()
-    pairs = [{"pair": pair_label(h, n), "head": h, "neuron": n, "words": [texts[i] for i in idx[r]],
-              "coefficients": [round(c, 6) for c in coef[r]], "relative_residual": round(res[r], 6),
-              "direction_norm": nrm[r]}
-             for r, (h, n) in enumerate(zip(heads.tolist(), neurons.tolist()))]
-    _atomic_bytes(path, json.dumps({**header, "pairs": pairs}).encode())
-
-
-def _write_parquet(path: Path, header: dict, texts, cat: dict, heads: Tensor, neurons: Tensor) -> None:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ImportError("Parquet output needs pyarrow: pip install 'nha-plugin[text]' (or write .json)") from e
-    vocab = pa.array(texts, pa.string())
-    idx = cat["indices"].numpy()
-    k = idx.shape[1]
-    words = pa.FixedSizeListArray.from_arrays(
-        pa.DictionaryArray.from_arrays(pa.array(idx.reshape(-1)), vocab), k)
-    coefs = pa.FixedSizeListArray.from_arrays(pa.array(cat["coefficients"].numpy().reshape(-1)), k)
-    table = pa.table({
-        "pair": pa.array([pair_label(h, n) for h, n in zip(heads.tolist(), neurons.tolist())]),
-        "head": pa.array(heads.numpy().astype("int32")), "neuron": pa.array(neurons.numpy().astype("int32")),
-        "words": words, "coefficients": coefs,
-        "relative_residual": pa.array(cat["relative_residual"].numpy()),
-        "direction_norm": pa.array(cat["direction_norm"].numpy()),
-    }).replace_schema_metadata({"nha_describe": json.dumps(header)})
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)

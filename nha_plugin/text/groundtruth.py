@@ -12,7 +12,6 @@ evidence that the model's pairs carry the planted concepts.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Callable, Optional
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..files import write_json
 from ..pool import pair_directions
 from .describe import TextDictionary, build_dictionary
 from .omp import sparse_decompose
@@ -168,7 +168,6 @@ def data_hit_rate(model: nn.Module, tokenizer: Callable, dictionary: TextDiction
             "per_concept": per}
 
 
-
 def _print_hits(per_concept: dict) -> None:
     """One line per described pair: HIT mark, concept, pair label, its top words with coefficients."""
     for concept, d in per_concept.items():
@@ -176,7 +175,9 @@ def _print_hits(per_concept: dict) -> None:
             mark = "HIT " if r["hit"] else "    "
             print(f"{mark}{concept:>11} {pair:>9}: " + ", ".join(f"{w} ({c:+.2f})" for w, c in r["words"]))
 
+
 def main(argv=None) -> int:
+    """``python -m nha_plugin.text.groundtruth``: print both hit rates (and write them with ``--json``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="scenes-rn")
     p.add_argument("--weights", default=None, help="scenes-rn weights file to use instead of the bundled one")
@@ -201,8 +202,7 @@ def main(argv=None) -> int:
           f"{res['num_pairs_described']} pairs; positive words only {res['hit_rate_positive']:.1%}; "
           f"random-direction control {res['control_hit_rate']:.1%} / {res['control_hit_rate_positive']:.1%}")
     if args.scenes:
-        from .describe import build_dictionary as _build
-        words = _build(model, tokenizer, args.pool, args.templates, progress=False)
+        words = build_dictionary(model, tokenizer, args.pool, args.templates, progress=False)
         data = data_hit_rate(model, tokenizer, words, n_scenes=args.scenes, pairs_per_concept=args.pairs_per_concept,
                              k=args.k, top=args.top)
         _print_hits(data["per_concept"])
@@ -211,8 +211,7 @@ def main(argv=None) -> int:
               f"{data['num_control_pairs']} pairs")
         res["data_selected"] = data
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.json, res, indent=1)
     return 0
 
 

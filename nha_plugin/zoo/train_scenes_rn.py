@@ -1,8 +1,13 @@
-"""Train a bundled planted-concept CLIP (``scenes-rn``, ``scenes-vit``) contrastively on generated scenes (seeded, resumable).
+"""Train a bundled planted-concept CLIP (``scenes-rn``, ``scenes-vit``) contrastively on generated scenes (seeded,
+resumable).
 
 Batch ``s`` holds scenes ``(seed, s * batch_size + b)`` of :mod:`nha_plugin.scenes` and
 one caption per scene drawn with ``default_rng((seed, 1, s))``, so a run is a pure function of its
-arguments, and a resumed run sees exactly the batches an uninterrupted one would. Captions can be true of
+arguments, and a resumed run sees exactly the batches an uninterrupted one would. The checkpoint
+(:mod:`nha_plugin.zoo.checkpoint`: safetensors, never unpickled) also holds the RNG states, so a resumed run
+ends bit-identical to an uninterrupted one. A checkpoint written with other options is refused: ``--fresh``
+starts over; ``--new-options`` continues it with new schedule options (a training phase; the model cards'
+recipes have several). Captions can be true of
 several scenes of a batch ("a red object"); the loss therefore treats every caption whose facts hold
 for a scene as a positive of that scene (a multi-positive CLIP loss, both directions).
 
@@ -11,7 +16,7 @@ CLIP-ViT. Training options the config does not set in ``"nha": {"train": {...}}`
 defaults, so ``scenes-rn`` trains exactly as before.
 
 Usage:
-    python -m nha_plugin.zoo.train_scenes_rn --steps 3000 --checkpoint /tmp/scenes_rn.pt
+    python -m nha_plugin.zoo.train_scenes_rn --steps 3000 --checkpoint /tmp/scenes_rn.safetensors
     python -m nha_plugin.zoo.train_scenes_rn --evaluate-only          # score the bundled weights
     python -m nha_plugin.zoo.train_scenes_rn --model scenes-vit       # = python -m nha_plugin.zoo.train_scenes_vit
 
@@ -24,7 +29,6 @@ import argparse
 import json
 import math
 import re
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from nha_plugin import scenes as S
+from nha_plugin.files import CorruptFileError, atomic_path, save_state
+from nha_plugin.runs import RunMismatchError
 from nha_plugin.zoo._zoo import MODELS, build_model, images_to_tensor, load_zoo_model, weights_path, zoo_config
+from nha_plugin.zoo.checkpoint import load_checkpoint, save_checkpoint, set_rng_state, training_key
 
 TRAIN_SEED = 0
 EVAL_SEED = 1000  # held-out: evaluation uses EVAL_SEED, EVAL_SEED + 1, EVAL_SEED + 2
@@ -160,21 +167,14 @@ def make_batch(step: int, batch_size: int, seed: int, tokenizer, twins: float = 
 
 
 def export_weights(model, path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write the state dict as safetensors (floating tensors in fp16), atomically."""
+    """Write the state dict as plain safetensors (floating tensors in fp16), atomically (mode 0644 minus the
+    umask): the bundled-weights format, with no checksum entries, read by ``_zoo.load_state_dict_file``."""
     from safetensors.torch import save_file
 
     sd = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()).contiguous()
           for k, v in model.state_dict().items()}
-    tmp = Path(str(path) + ".tmp")
-    save_file(sd, str(tmp), metadata=metadata or {})
-    os.chmod(tmp, 0o644)  # package data must be readable by every user
-    os.replace(tmp, path)
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata or {})
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -211,7 +211,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=defaults["steps"],
                    help="optimizer steps (cosine schedule length; default %(default)s)")
     p.add_argument("--stop-at", type=int, default=None,
-                   help="stop after this step (checkpoint written); resume later, possibly with other options")
+                   help="stop after this step (checkpoint written); resume later with the same options (or "
+                        "--new-options); --stop-at, --checkpoint-every, --threads, --device, --quiet and the "
+                        "paths may always change")
     p.add_argument("--batch-size", type=int, default=defaults["batch_size"])
     p.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate (default %(default)s)")
     p.add_argument("--warmup", type=int, default=defaults["warmup"], help="linear warm-up steps (default %(default)s)")
@@ -225,7 +227,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=defaults["eval_every"])
     p.add_argument("--eval-n", type=int, default=300, help="held-out scenes per task")
     p.add_argument("--checkpoint", type=Path, default=Path(f"{stem.replace('-', '_')}_checkpoint.pt"),
-                   help="resumable checkpoint (model, optimizer, step); resumed from when it exists")
+                   help="resumable checkpoint (model, optimizer, RNG states, step; safetensors whatever its "
+                        "suffix, never unpickled); resumed from when it exists and was written with the same "
+                        "options, refused otherwise")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing --checkpoint and start over")
+    p.add_argument("--new-options", action="store_true",
+                   help="resume a --checkpoint written with other schedule options (--steps, --lr, --warmup, "
+                        "--weight-decay, --twins, --shape-captions, --eval-every) and continue with the new ones, "
+                        "as the model cards' phased recipes do; the model, --seed, --batch-size, --eval-seed and "
+                        "--eval-n must still match")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--out", type=Path, default=weights_path(cfg, known.model),
                    help="safetensors written at the end (the checkpoint with the best held-out score)")
@@ -237,6 +247,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """Train (or with ``--evaluate-only`` evaluate) as the command line ``argv`` says (see :func:`parse_args`).
+
+    Returns:
+        ``{"best", "history", "final_loss"}`` after training; the :func:`evaluate` dict with ``--evaluate-only``.
+
+    Raises:
+        RunMismatchError: ``--checkpoint`` was written with other options (pass ``--fresh`` or ``--new-options``).
+        CorruptFileError: ``--checkpoint`` is unreadable or not a trainer checkpoint (a pickle is never loaded).
+    """
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -269,17 +288,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
-    step, best, history = 0, None, []
-    if args.checkpoint.exists():
-        state = torch.load(args.checkpoint, map_location=device, weights_only=False)
+    key = training_key(args, cfg)
+    step, best, history, phases = 0, None, [], [{"from_step": 0, "config": key["config"]}]
+    if args.checkpoint.exists() and not args.fresh:
+        state = load_checkpoint(args.checkpoint, key, new_options=args.new_options)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        step, best, history = state["step"], state.get("best"), state.get("history", [])
+        set_rng_state(state["rng"])
+        step, best, history, phases = state["step"], state["best"], state["history"], state["phases"]
         print(f"resumed from {args.checkpoint} at step {step}", flush=True)
-
-    def save(step: int) -> None:
-        _save_checkpoint(args.checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                           "best": best, "history": history, "args": vars(args)})
 
     def eval_and_keep_best(step: int) -> None:
         nonlocal best
@@ -293,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             best = {"score": score, **{k: v for k, v in result.items() if k != "prompts"}}
             meta = {"step": str(step), "seed": str(args.seed), "eval": json.dumps(best)}
             export_weights(model, args.out, meta)
-            _save_checkpoint(Path(str(args.checkpoint) + ".best"), {"model": model.state_dict(), "best": best})
+            save_state(Path(str(args.checkpoint) + ".best"), {"key": key, "model": model.state_dict(), "best": best})
 
     t0, losses = time.time(), []
     bar = tqdm(total=args.steps, initial=step, disable=args.quiet, mininterval=5)
@@ -319,11 +336,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         if step % args.eval_every == 0 or step == args.steps:
             eval_and_keep_best(step)
         if step % args.checkpoint_every == 0 or step == last:
-            save(step)
+            save_checkpoint(args.checkpoint, key, phases, model, opt, step, best, history, device)
     bar.close()
     print(json.dumps({"best": best, "steps": step, "seconds": round(time.time() - t0, 1)}), flush=True)
     return {"best": best, "history": history, "final_loss": losses[-1] if losses else None}
 
 
+def run_cli(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: :func:`main`; a refused or unreadable checkpoint is one error line and exit status 2."""
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except (RunMismatchError, CorruptFileError) as err:
+        print("error: " + " ".join(line.strip() for line in str(err).splitlines()), file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli())
