@@ -209,3 +209,14 @@ def assert_greedy_picks_agree(a, b, *, rtol: float = 1e-10) -> None:
     if not torch.equal(a.indices, b.indices):
         n = int((a.indices != b.indices).nonzero()[0]) + 1
     torch.testing.assert_close(a.variances[:n], b.variances[:n], rtol=rtol, atol=scaled_tol(b.variances, rtol))
+
+
+def assert_user_error(capsys, text: str, main, argv) -> str:
+    """``main(argv)`` (a CLI entry point) ends with exit status 2 and a message on stderr containing ``text``,
+    without a traceback; returns the stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and text in err and "Traceback" not in err, err
+    return err
