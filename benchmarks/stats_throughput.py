@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from nha_plugin.files import write_json, write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -50,13 +52,6 @@ def build(name: str, device: str):
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _clone(stats):
-    from nha_plugin.stats import DatasetStats
-    t = {k: v.clone() for k, v in stats._tensors().items()}
-    return DatasetStats(count=stats.count, head_comoment=t.pop("head_comoment", None), meta=dict(stats.meta),
-                        spec=stats.spec, **t)
 
 
 def throughput(name: str, device: str, batch: int, batches: int, repeats: int, warm_images: int) -> dict:
@@ -83,7 +78,7 @@ def throughput(name: str, device: str, batch: int, batches: int, repeats: int, w
         collect(visual, data, progress=False)
 
     def steady():
-        st = _clone(warm)
+        st = warm.clone()
         for b, x in enumerate(data):
             st.update(decompose(spec, x).pair_coefficients, torch.arange(batch * b, batch * (b + 1)) + warm_images)
 
@@ -99,7 +94,7 @@ def throughput(name: str, device: str, batch: int, batches: int, repeats: int, w
             _sync(device)
             times[key].append(time.perf_counter() - start)
     n = batch * batches
-    state_bytes = sum(t.numel() * t.element_size() for t in warm._tensors().values())
+    state_bytes = sum(t.numel() * t.element_size() for t in warm.state_tensors().values())
     row = {"model": name, "device": device, "batch": batch, "images": n, "repeats": repeats,
            "warm_images": warm_images, "H": spec.num_heads, "C": spec.num_neurons, "D": spec.output_dim,
            "head_covariance": warm.head_comoment is not None, "statistics_state_mib": state_bytes / 2 ** 20,
@@ -268,13 +263,9 @@ def main(argv=None) -> int:
                      "numbers are noisy; forward and statistics were timed interleaved so the ratio is fair."
                      if args.device == "cpu" else "")}
     stem = Path(args.out) if args.out else RESULTS / f"stats_throughput_{args.device.split(':')[0]}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "throughput": [r | m for r, m in zip(rows, mem)], "scaling": scale}
-    for suffix, text in ((".json", json.dumps(payload, indent=2)), (".md", markdown(rows, mem, scale, meta))):
-        path = stem.with_suffix(suffix)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_json(stem.with_suffix(".json"), payload)
+    write_text(stem.with_suffix(".md"), markdown(rows, mem, scale, meta))
     print(markdown(rows, mem, scale, meta))
     return 0
 

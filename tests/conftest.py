@@ -231,3 +231,14 @@ def planted(marker):
             return open, (str(marker), "w")
 
     return Planted()
+
+
+def assert_user_error(capsys, text: str, main, argv) -> str:
+    """``main(argv)`` (a CLI entry point) ends with exit status 2 and a message on stderr containing ``text``,
+    without a traceback; returns the stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and text in err and "Traceback" not in err, err
+    return err

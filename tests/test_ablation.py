@@ -6,7 +6,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import images_for
+from conftest import assert_user_error, images_for
 from test_stats import batches_of, make_small
 
 import nha_plugin as nha
@@ -120,13 +120,14 @@ def test_sparsity_curves_and_report(tmp_path, setup):
     assert res["neuron_pcs"][8] == 1.0
     mean_pred = (stats.mean_embedding @ head.readout).argmax()
     assert res["mean_embedding"] == float((labels == mean_pred).double().mean())
-    paths = A.write_report({"tasks": {"a": res, "b": res}, "meta": {"model": "small"}}, tmp_path, "sp")
+    paths = A.write_report({"tasks": {"a": res, "b": res}, "meta": {"model": "small"}}, tmp_path / "new", "sp")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["sp.json", "sp.md", "sp.png"]   # no temporaries
     assert json.loads(paths["json"].read_text())["tasks"]["a"]["original"] == 1.0
     assert "| neuron | 0.5 | 128 / 256 |" in paths["md"].read_text()
     assert paths["png"].stat().st_size > 10_000
 
 
-def test_cli_stats_then_sparsity_on_scenes_rn(tmp_path):
+def test_cli_stats_then_sparsity_on_scenes_rn(tmp_path, capsys):
     from nha_plugin.cli import stats as stats_cli
     out = tmp_path / "stats.safetensors"
     assert stats_cli.main(["stats", "--out", str(out), "--n", "12", "--batch-size", "6", "--quiet"]) == 0
@@ -143,5 +144,7 @@ def test_cli_stats_then_sparsity_on_scenes_rn(tmp_path):
             assert r["sweeps"][level][0]["accuracy"] == r["mean_embedding"]
         assert r["neuron_pcs"]["8"] == r["original"]
     assert r["original"] >= 0.9                                          # scenes-rn knows backgrounds
-    with pytest.raises(SystemExit, match="unknown task"):
-        stats_cli.main(["sparsity", "--stats", str(out), "--task", "texture", "--quiet"])
+    assert_user_error(capsys, "unknown task", stats_cli.main,
+                       ["sparsity", "--stats", str(out), "--task", "texture", "--quiet"])
+    assert_user_error(capsys, "not found", stats_cli.main,
+                       ["sparsity", "--stats", str(tmp_path / "missing.safetensors"), "--quiet"])

@@ -1,5 +1,9 @@
 """nha_plugin.stats: streaming statistics checked against numpy, brute-force sorts, SVDs of dense
-contributions, the paper's PC0 recipe, an interrupted-and-resumed run and a 2-process gloo run."""
+contributions, the paper's PC0 recipe, an interrupted-and-resumed run and a 2-process gloo run; checkpoints
+and statistics files that are corrupted, planted or of another run are refused with the file named."""
+import dataclasses
+import json
+import pickle
 import time
 from pathlib import Path
 
@@ -8,12 +12,14 @@ import open_clip
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import (assert_topk_selection, images_for, randomise_pool_biases, rerandomise_batchnorm,
-                      scaled_tol)
+from conftest import (assert_topk_selection, assert_user_error, images_for, randomise_pool_biases,
+                      rerandomise_batchnorm, scaled_tol)
 from torch.utils.data import TensorDataset
 
 import nha_plugin as nha
-from nha_plugin.stats import DatasetStats, StatsMismatchError, collect
+from nha_plugin.files import CorruptFileError, load_tensors, save_tensors
+from nha_plugin.runs import RunMismatchError
+from nha_plugin.stats import DatasetStats, StatsMismatchError, collect, spec_fingerprint
 
 # C=256 neurons, H=8 heads, D=32, 64 px (2x2 grid): small enough for dense references over the dataset
 SMALL_CFG = dict(embed_dim=32, vision_cfg=dict(layers=[1, 1, 1, 1], width=8, head_width=32, image_size=64),
@@ -134,7 +140,7 @@ def test_save_load_roundtrip_and_wrong_model(tmp_path, small, stats):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]    # no temporary file left
     back = DatasetStats.load(path, model=small)
     assert back.count == stats.count and back.meta["dataset"] == "random images"
-    for name, t in stats._tensors().items():
+    for name, t in stats.state_tensors().items():
         assert torch.equal(getattr(back, name), t), name
     assert torch.equal(back.pc0_sign, stats.pc0_sign)
     torch.testing.assert_close(back.neuron_pcs(2).components, stats.neuron_pcs(2).components, rtol=0, atol=0)
@@ -182,7 +188,7 @@ def _assert_same_stats(a: DatasetStats, b: DatasetStats, s: torch.Tensor) -> Non
     assert a.count == b.count
     ref = s.permute(1, 2, 0)                                             # (H, C, N)
     tol = scaled_tol(s, 1e-11)
-    for name, t in a._tensors().items():
+    for name, t in a.state_tensors().items():
         got = getattr(b, name)
         if name.endswith("_indices"):
             for stat in (a, b):
@@ -227,8 +233,13 @@ def test_resume_after_crash_is_identical(tmp_path, small, data):
     assert DatasetStats.load(ckpt2).count == 24
     resumed_ds = collect(small, ds, batch_size=8, k=10, checkpoint=ckpt2, resume=True, progress=False)
     _assert_same_stats(full, resumed_ds, data[1].pair_coefficients)
-    with pytest.raises(StatsMismatchError, match="another run"):
+    with pytest.raises(StatsMismatchError, match="another run") as err:
         collect(small, ds, batch_size=16, k=10, checkpoint=ckpt2, resume=True, progress=False)
+    assert "config.batch_size: found 8, expected 16" in str(err.value) and str(ckpt2) in str(err.value)
+    with pytest.raises(StatsMismatchError, match="config.k: found 10, expected 5"):
+        collect(small, ds, batch_size=8, k=5, checkpoint=ckpt2, resume=True, progress=False)
+    with pytest.raises(StatsMismatchError, match="config.head_covariance: found true, expected false"):
+        collect(small, ds, batch_size=8, k=10, head_covariance=False, checkpoint=ckpt2, resume=True, progress=False)
 
 
 def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -278,7 +289,7 @@ def test_input_errors(small, data):
         st.update(torch.zeros(2, 8, 5), torch.arange(2))
 
 
-def test_cli_stats_on_a_folder(tmp_path):
+def test_cli_stats_on_a_folder(tmp_path, capsys):
     from PIL import Image
 
     from nha_plugin.cli import stats as stats_cli
@@ -298,8 +309,8 @@ def test_cli_stats_on_a_folder(tmp_path):
     assert st.count == 5
     torch.testing.assert_close(st.pair_mean, s.mean(0), rtol=0, atol=1e-6)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no image files"):
-        stats_cli.main(["stats", "--images", str(tmp_path / "empty"), "--out", str(out), "--quiet"])
+    assert_user_error(capsys, "no image files", stats_cli.main,
+                       ["stats", "--images", str(tmp_path / "empty"), "--out", str(out), "--quiet"])
 
 
 def test_resume_refuses_a_checkpoint_written_for_other_data(small, data, tmp_path):
@@ -308,7 +319,167 @@ def test_resume_refuses_a_checkpoint_written_for_other_data(small, data, tmp_pat
     with pytest.raises(RuntimeError):
         collect(small, _Failing(batches_of(x[:30], 8), fail_after=2), k=5, checkpoint=ckpt, checkpoint_every=1,
                 progress=False, meta={"data": "scenes seed 1"})
-    with pytest.raises(StatsMismatchError, match="data description"):
+    with pytest.raises(StatsMismatchError, match="data description") as err:
         collect(small, batches_of(x[30:60], 8), k=5, checkpoint=ckpt, resume=True, progress=False,
                 meta={"data": "scenes seed 2"})
+    assert 'data.description: found "scenes seed 1", expected "scenes seed 2"' in str(err.value)
+    assert isinstance(err.value, RunMismatchError)                      # what the CLI dispatchers catch
 
+
+def test_resume_refuses_another_trunk_under_the_same_pool(small, data, tmp_path):
+    """The pool's fingerprint cannot see the trunk, which the coefficients depend on: the run key holds the
+    image tower's too."""
+    x = data[0]
+    ckpt = tmp_path / "trunk.safetensors"
+    with pytest.raises(RuntimeError):
+        collect(small, _Failing(batches_of(x, 8), fail_after=2), k=5, checkpoint=ckpt, checkpoint_every=1,
+                progress=False)
+    other = make_small()
+    with torch.no_grad():
+        other.visual.conv1.weight.mul_(1.01)
+    assert spec_fingerprint(nha.adapters.get_spec(other)) == spec_fingerprint(nha.adapters.get_spec(small))
+    with pytest.raises(StatsMismatchError, match="image_tower: found"):
+        collect(other, batches_of(x, 8), k=5, checkpoint=ckpt, resume=True, progress=False)
+
+
+def test_spec_fingerprint_identifies_pool_weights_and_heads(small):
+    spec = nha.adapters.get_spec(small)
+    fp = spec_fingerprint(spec)
+    assert len(fp) == 64 and fp == spec_fingerprint(nha.adapters.get_spec(make_small().float()))   # fp32 copy
+    assert spec_fingerprint(dataclasses.replace(spec, num_heads=4)) != fp     # same weights, other pairs
+    assert spec_fingerprint(nha.adapters.get_spec(make_small(seed=5))) != fp
+    bumped = dataclasses.replace(spec, c_bias=spec.c_bias.detach().clone())
+    bumped.c_bias[0] += 1e-3
+    assert spec_fingerprint(bumped) != fp
+
+
+def _flip_data_byte(path: Path) -> None:
+    """Flip one byte of the tensor data (after the safetensors header), leaving the header readable."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    raw[start + (len(raw) - start) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupted_checkpoint_is_refused_naming_the_file(small, data, tmp_path):
+    x = data[0]
+    ckpt = tmp_path / "ckpt.safetensors"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        collect(small, _Failing(batches_of(x, 8), fail_after=3), k=5, checkpoint=ckpt, checkpoint_every=1,
+                progress=False)
+    assert DatasetStats.load(ckpt).count == 24                          # intact: loads
+    _flip_data_byte(ckpt)
+    with pytest.raises(CorruptFileError, match="checksum") as err:
+        collect(small, batches_of(x, 8), k=5, checkpoint=ckpt, resume=True, progress=False)
+    assert err.value.path == ckpt and str(ckpt) in str(err.value)
+    ckpt.write_bytes(ckpt.read_bytes()[:100])                           # truncated
+    with pytest.raises(CorruptFileError, match="truncated"):
+        DatasetStats.load(ckpt)
+    # resume=False starts over and replaces it
+    st = collect(small, batches_of(x, 8), k=5, checkpoint=ckpt, checkpoint_every=1, progress=False)
+    assert DatasetStats.load(ckpt).count == st.count == N_IMAGES
+
+
+def test_files_of_another_format_or_kind_are_refused(tmp_path, stats):
+    path = stats.save(tmp_path / "s.safetensors")
+    tensors, header = load_tensors(path)
+    meta = json.loads(header["nha_stats"])
+    meta["format_version"] = 1
+    save_tensors(tmp_path / "old.safetensors", tensors, {"nha_stats": json.dumps(meta)})
+    with pytest.raises(StatsMismatchError, match="format 1; this version of nha_plugin reads format 2"):
+        DatasetStats.load(tmp_path / "old.safetensors")
+    save_tensors(tmp_path / "other.safetensors", {"x": torch.zeros(3)})
+    with pytest.raises(CorruptFileError, match="no statistics metadata"):
+        DatasetStats.load(tmp_path / "other.safetensors")
+    del meta["format_version"], tensors["head_sq"]
+    save_tensors(tmp_path / "part.safetensors", tensors, {"nha_stats": json.dumps(dict(meta, format_version=2))})
+    with pytest.raises(CorruptFileError, match="no tensor 'head_sq'"):
+        DatasetStats.load(tmp_path / "part.safetensors")
+
+
+
+class _Planted:
+    """Unpickling it creates ``marker`` (what a malicious pickle would do instead)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("protocol", [0, pickle.HIGHEST_PROTOCOL])
+def test_cli_never_unpickles_planted_files(tmp_path, capsys, protocol):
+    from nha_plugin.cli import main as nha_main
+    from nha_plugin.cli import stats as stats_cli
+    marker = tmp_path / "pwned"
+    planted = pickle.dumps(_Planted(marker), protocol=protocol)
+    out = tmp_path / "stats.safetensors"
+    partial = tmp_path / "stats.safetensors.partial"                 # the checkpoint `nha stats` resumes
+    partial.write_bytes(planted)
+    argv = ["stats", "--n", "2", "--batch-size", "2", "--out", str(out), "--quiet"]
+    for main in (stats_cli.main, nha_main):                       # standalone and through the `nha` dispatcher
+        err = assert_user_error(capsys, str(partial), main, argv)
+        assert "not safetensors" in err and "--fresh" in err
+    stats_file = tmp_path / "planted.safetensors"                     # the file `nha sparsity` reads
+    stats_file.write_bytes(planted)
+    assert_user_error(capsys, str(stats_file), stats_cli.main,
+                       ["sparsity", "--stats", str(stats_file), "--n", "2", "--text-k=", "--out",
+                        str(tmp_path / "sp"), "--quiet"])
+    assert not marker.exists() and not out.exists()
+    pickle.loads(planted)                                              # the planted file does bite when unpickled
+    assert marker.exists()
+
+
+def test_cli_resumes_a_killed_run_and_fresh_starts_over(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from nha_plugin.cli import stats as stats_cli
+    from nha_plugin.scenes import SceneDataset
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, sc in enumerate(SceneDataset(5, seed=7301)):
+        Image.fromarray(sc.image).save(folder / f"{i:02d}.png")
+    out, partial = tmp_path / "s.safetensors", tmp_path / "s.safetensors.partial"
+    argv = ["stats", "--images", str(folder), "--out", str(out), "--batch-size", "2", "--checkpoint-every", "1",
+            "--k", "3", "--quiet"]
+    read = []
+    original = stats_cli.FolderImages.__getitem__
+
+    def crash_at_3(self, i):
+        if i == 3:
+            raise RuntimeError("simulated kill")
+        return original(self, i)
+
+    def recording(self, i):
+        read.append(i)
+        return original(self, i)
+
+    monkeypatch.setattr(stats_cli.FolderImages, "__getitem__", crash_at_3)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        stats_cli.main(argv)
+    assert DatasetStats.load(partial).count == 2                       # batch (0, 1) checkpointed
+    monkeypatch.setattr(stats_cli.FolderImages, "__getitem__", recording)
+    # other settings: refused, naming the checkpoint and the difference
+    err = assert_user_error(capsys, str(partial), stats_cli.main, argv[:-3] + ["--k", "4", "--quiet"])
+    assert "config.k: found 3, expected 4" in err and read == []
+    assert stats_cli.main(argv) == 0
+    assert sorted(read) == [2, 3, 4] and not partial.exists()          # only what the checkpoint lacked
+    model, preprocess, _ = nha.load_clip("scenes-rn")
+    x = torch.stack([preprocess(Image.open(folder / f"{i:02d}.png").convert("RGB")) for i in range(5)])
+    s = nha.decompose(model, x).pair_coefficients.double()
+    resumed = DatasetStats.load(out, model=model)
+    assert resumed.count == 5 and resumed.k == 3
+    torch.testing.assert_close(resumed.pair_mean, s.mean(0), rtol=0, atol=scaled_tol(s, 1e-6))
+    # --fresh discards a checkpoint of other settings and recomputes everything
+    monkeypatch.setattr(stats_cli.FolderImages, "__getitem__", crash_at_3)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        stats_cli.main(argv[:-3] + ["--k", "2", "--quiet"])
+    monkeypatch.setattr(stats_cli.FolderImages, "__getitem__", recording)
+    read.clear()
+    assert stats_cli.main(argv + ["--fresh"]) == 0
+    assert sorted(read) == [0, 1, 2, 3, 4] and not partial.exists()
+    fresh = DatasetStats.load(out, model=model)
+    assert fresh.count == 5 and fresh.k == 3
+    torch.testing.assert_close(fresh.pair_mean, resumed.pair_mean, rtol=0, atol=scaled_tol(s, 1e-6))
+    assert_user_error(capsys, "contradict", stats_cli.main, argv + ["--fresh", "--resume"])

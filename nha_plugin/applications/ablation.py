@@ -27,9 +27,7 @@ between the embedding and each class's text embedding.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -37,9 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..spec import AttentionPoolSpec
+from ..files import save_figure, write_json, write_text
 from ..pool import constant_term, head_outputs, neuron_blocks, pair_directions, pool_output
+from ..spec import AttentionPoolSpec
 from ..stats import DatasetStats, NeuronPCs
+from ..stats.pcs import NEURON_CHUNK
 
 __all__ = ["LEVELS", "unit_importance", "keep_mask", "ablated_embedding", "neuron_pc_embedding",
            "text_directions", "text_embedding", "zero_shot_accuracy", "sparsity_curves", "sparsity_markdown",
@@ -54,7 +54,15 @@ def _check_level(level: str) -> None:
 
 
 def unit_importance(stats: DatasetStats, level: str) -> Tensor:
-    """Importance of every unit: pair / pair-rms (H, C), neuron (C,), head (H,). See the module docstring."""
+    """Importance of every unit of a level (see the module docstring).
+
+    Args:
+        stats: dataset statistics of the model.
+        level: one of :data:`LEVELS`.
+
+    Returns:
+        pair / pair-rms (H, C), neuron (C,), head (H,).
+    """
     _check_level(level)
     if level == "pair":
         return stats.importance
@@ -65,8 +73,19 @@ def unit_importance(stats: DatasetStats, level: str) -> Tensor:
 
 def keep_mask(stats: DatasetStats, level: str, fraction: float,
               importance: Optional[Tensor] = None) -> tuple[Tensor, int]:
-    """Pairs kept when the top ``fraction`` of ``level`` units by importance are kept: (H, C) bool, and the
-    number of ``level`` units kept (``ceil(fraction * units)``; ties in importance: lower unit index first)."""
+    """Pairs kept when the top ``fraction`` of ``level`` units by importance are kept.
+
+    Args:
+        stats: dataset statistics of the model.
+        level: one of :data:`LEVELS`.
+        fraction: share of the level's units kept, in [0, 1].
+        importance: the level's :func:`unit_importance` if already computed.
+
+    Returns:
+        ``(mask, n_keep)``: (H, C) bool, True for kept pairs; the number of ``level`` units kept
+        (``ceil(fraction * units)``; ties in importance: lower unit index first).
+    """
+    _check_level(level)
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be in [0, 1]; got {fraction}")
     imp = unit_importance(stats, level) if importance is None else importance
@@ -94,6 +113,9 @@ def ablated_embedding(spec: AttentionPoolSpec, coefficients: Tensor, stats: Data
         stats: dataset statistics of the same model (its ``pair_mean`` is the replacement).
         keep: (H, C) bool, True for the pairs left intact (see :func:`keep_mask`).
         embedding: the images' full embedding (B, D) if already computed (:func:`nha_plugin.pool.pool_output`).
+
+    Returns:
+        (B, D) the embeddings with the ablated pairs at their mean.
     """
     s = coefficients
     y = pool_output(spec.detached(), s) if embedding is None else embedding
@@ -103,16 +125,27 @@ def ablated_embedding(spec: AttentionPoolSpec, coefficients: Tensor, stats: Data
 
 def neuron_pc_embedding(spec: AttentionPoolSpec, coefficients: Tensor, stats: DatasetStats, n_components: int,
                         pcs: Optional[NeuronPCs] = None) -> Tensor:
-    """Embedding (B, D) with every neuron's contribution replaced by its mean plus its projection on its top
-    ``n_components`` principal components: ``mean_embedding + sum_n P_n P_n^T U_n (s_n - m_n)``."""
+    """Embedding with every neuron's contribution replaced by its mean plus its projection on its top
+    ``n_components`` principal components: ``mean_embedding + sum_n P_n P_n^T U_n (s_n - m_n)``.
+
+    Args:
+        spec: the model's spec.
+        coefficients: s (B, H, C) of the images.
+        stats: dataset statistics of the same model (mean and principal components).
+        n_components: principal components kept per neuron, between 1 and min(H, D).
+        pcs: ``stats.neuron_pcs(n_components)`` if already computed.
+
+    Returns:
+        (B, D) reconstructed embeddings.
+    """
     pcs = stats.neuron_pcs(n_components) if pcs is None else pcs
     s = coefficients
     centred = s - stats.pair_mean.to(s)
     P = pcs.components.to(s)                                                   # (C, K, D)
     C = P.shape[0]
     out = stats.mean_embedding.to(s).expand(s.shape[0], -1).clone()
-    for start in range(0, C, 256):
-        sl = slice(start, min(C, start + 256))
+    for start in range(0, C, NEURON_CHUNK):
+        sl = slice(start, min(C, start + NEURON_CHUNK))
         G = torch.einsum("ckD,cDh->ckh", P[sl], neuron_blocks(spec, sl, s.dtype).to(s.device))   # P_n^T U_n
         alpha = torch.einsum("ckh,bhc->bck", G, centred[:, :, sl])
         out += torch.einsum("bck,ckD->bD", alpha, P[sl])
@@ -121,7 +154,15 @@ def neuron_pc_embedding(spec: AttentionPoolSpec, coefficients: Tensor, stats: Da
 
 def text_directions(spec: AttentionPoolSpec, atoms: Tensor, k: int, *, rescale: bool = False,
                     device=None, progress: bool = False) -> tuple[Tensor, Tensor]:
-    """Each pair direction u[h, n] replaced by its k-atom OMP approximation over ``atoms`` (N, D).
+    """Each pair direction u[h, n] replaced by its k-atom OMP approximation over ``atoms``.
+
+    Args:
+        spec: the model's spec.
+        atoms: (N, D) a prepared dictionary (:func:`nha_plugin.text.prepare_dictionary`).
+        k: atoms per direction.
+        rescale: scale each approximation back to ``||u||``.
+        device: where OMP runs (default: the atoms' device).
+        progress: tqdm progress bar.
 
     Returns:
         (H, C, D) approximated directions (float64) and (H, C) relative residuals ``||u - u_text|| / ||u||``.
@@ -141,7 +182,16 @@ def text_directions(spec: AttentionPoolSpec, atoms: Tensor, k: int, *, rescale: 
 
 
 def text_embedding(spec: AttentionPoolSpec, coefficients: Tensor, directions: Tensor) -> Tensor:
-    """``beta + sum_{h,n} s[h,n] u_text[h,n]`` (B, D) for replaced directions (H, C, D)."""
+    """``beta + sum_{h,n} s[h,n] u_text[h,n]`` for replaced directions.
+
+    Args:
+        spec: the model's spec.
+        coefficients: s (B, H, C).
+        directions: (H, C, D) replaced directions (:func:`text_directions`).
+
+    Returns:
+        (B, D) embeddings.
+    """
     s = coefficients
     return constant_term(spec.detached()).to(s) + s.flatten(1) @ directions.to(s).flatten(0, 1)
 
@@ -153,6 +203,9 @@ def zero_shot_accuracy(embeddings: Tensor, class_embeddings: Tensor, labels: Ten
         embeddings: (B, D) image embeddings (any scale).
         class_embeddings: (K, D) class text embeddings (e.g. ``ZeroShotClassifier(...).readout.T``).
         labels: (B,) class indices.
+
+    Returns:
+        The accuracy in [0, 1].
     """
     logits = F.normalize(embeddings, dim=-1) @ F.normalize(class_embeddings.to(embeddings), dim=-1).T
     return float((logits.argmax(dim=-1).cpu() == labels.cpu()).double().mean())
@@ -183,8 +236,13 @@ def sparsity_curves(spec: AttentionPoolSpec, coefficients: Tensor, labels: Tenso
     s = coefficients.to(torch.float64)
     y = pool_output(spec.detached(), s)
     spread = (y - stats.mean_embedding.to(y)).norm(dim=-1)
-    acc = lambda e: zero_shot_accuracy(e, class_embeddings, labels)   # noqa: E731
-    err = lambda e: float(((e - y).norm(dim=-1) / spread).mean())     # noqa: E731
+
+    def acc(e: Tensor) -> float:
+        return zero_shot_accuracy(e, class_embeddings, labels)
+
+    def err(e: Tensor) -> float:
+        return float(((e - y).norm(dim=-1) / spread).mean())
+
     out = {"original": acc(y), "mean_embedding": acc(stats.mean_embedding.to(y).expand_as(y)), "sweeps": {},
            "neuron_pcs": {}, "text": {}, "errors": {"neuron_pcs": {}, "text": {}}}
     for level in levels:
@@ -209,7 +267,14 @@ def sparsity_curves(spec: AttentionPoolSpec, coefficients: Tensor, labels: Tenso
 
 # ---- reports -----------------------------------------------------------------------------------------------
 def sparsity_markdown(result: dict) -> str:
-    """Markdown tables of a report ``{"tasks": {task: sparsity_curves(...)}, "meta": {...}}``."""
+    """Markdown tables of a report.
+
+    Args:
+        result: ``{"tasks": {task: sparsity_curves(...)}, "meta": {...}}``.
+
+    Returns:
+        The Markdown text.
+    """
     tasks = result["tasks"]
     meta = result.get("meta", {})
     lines = [f"# Sparsity and reconstruction ({meta.get('model', '')})", ""]
@@ -251,7 +316,15 @@ _LEVEL_LABELS = {"pair": "pairs (top-k importance)", "pair-rms": "pairs (RMS imp
 
 def plot_sparsity(result: dict, path) -> Path:
     """Accuracy vs kept fraction (one panel per task, one line per level, the unablated accuracy dashed),
-    with the reconstructions as bars underneath. Written atomically as PNG."""
+    with the reconstructions as bars underneath, written atomically (:func:`nha_plugin.files.save_figure`).
+
+    Args:
+        result: as :func:`sparsity_markdown`.
+        path: the image file (its suffix gives the format, e.g. ``.png``).
+
+    Returns:
+        The path.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -286,22 +359,26 @@ def plot_sparsity(result: dict, path) -> Path:
         if j == 0:
             bx.set_ylabel("reconstruction accuracy")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return save_figure(path, fig, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def write_report(result: dict, out_dir, name: str = "sparsity") -> dict:
-    """Write ``{name}.json``, ``{name}.md`` and ``{name}.png`` atomically into ``out_dir``; returns the paths."""
+    """Write ``{name}.json``, ``{name}.md`` and ``{name}.png`` atomically into ``out_dir`` (created if needed).
+
+    Args:
+        result: as :func:`sparsity_markdown`.
+        out_dir: the folder.
+        name: the files' stem.
+
+    Returns:
+        ``{"json": path, "md": path, "png": path}``.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
-    for key, text in (("json", json.dumps(result, indent=2)), ("md", sparsity_markdown(result))):
-        tmp = paths[key].with_name(paths[key].name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, paths[key])
+    write_json(paths["json"], result)
+    write_text(paths["md"], sparsity_markdown(result))
     plot_sparsity(result, paths["png"])
     return paths

@@ -1,11 +1,16 @@
 """``nha stats`` and ``nha sparsity``: dataset statistics of a CLIP-ResNet, then mean-ablation sparsity curves.
 
-    nha stats --out stats.safetensors --n 512 --batch-size 32 --resume          # held-out scenes, scenes-rn
+    nha stats --out stats.safetensors --n 512 --batch-size 32                   # held-out scenes, scenes-rn
     nha stats --model RN50 --images DIR --out rn50_stats.safetensors            # a folder of images
     torchrun --nproc_per_node 2 -m nha_plugin.cli.stats stats --num-images 512 --out s.safetensors
                                                   # sharded, merged exactly (gloo; NCCL with --device cuda)
     nha sparsity --stats stats.safetensors --task colour,shape,background \\
         --fractions 0.01,0.05,0.1,0.2,0.5,1 --out sparsity_out                  # JSON + Markdown + PNG
+
+``nha stats`` checkpoints into ``OUT.partial`` (one file per process under torchrun) and a killed run resumes
+from it; a checkpoint of other settings, data or weights is refused, ``--fresh`` starts over. User mistakes
+(bad arguments, a refused or corrupted checkpoint, a missing or corrupted statistics file) end with one
+``nha COMMAND: error: ...`` message on stderr and exit status 2 (``NHA_DEBUG=1``: the traceback instead).
 
 Wire into ``nha`` with ``add_parser(subparsers)`` (adds both sub-commands) and dispatch ``run(args)``; also
 runnable alone: ``python -m nha_plugin.cli.stats stats|sparsity ...``.
@@ -13,13 +18,20 @@ runnable alone: ``python -m nha_plugin.cli.stats stats|sparsity ...``.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 import torch
+
+from ..files import CorruptFileError
+from ..models import PretrainedUnavailableError
+from ..runs import RunMismatchError, texts_fingerprint
+from ..spec import UnsupportedModelError
+from .common import standalone_main
 
 __all__ = ["add_parser", "run", "main", "SceneImages", "FolderImages", "scene_tasks", "IMAGE_SUFFIXES"]
 
@@ -57,6 +69,10 @@ class FolderImages(torch.utils.data.Dataset):
         if not self.files:
             raise ValueError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in that folder")
         self.preprocess = preprocess
+
+    def fingerprint(self) -> str:
+        """sha256 of the files' names and sizes: tells a resumed run that the folder changed, without reading it."""
+        return texts_fingerprint(f"{p.name}:{p.stat().st_size}" for p in self.files)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -115,7 +131,10 @@ def configure_stats(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-covariance", choices=("auto", "on", "off"), default="auto",
                    help="keep the (H, D, D) head covariances (auto: when H*D*D <= 2**24)")
     p.add_argument("--out", default="stats.safetensors", help="output statistics file")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the checkpoint OUT.partial of an interrupted run and start over (by default a "
+                        "killed run resumes from it; one of other settings, data or weights is refused)")
+    p.add_argument("--resume", action="store_true", help="resuming is the default; accepted for older command lines")
     p.add_argument("--checkpoint-every", type=int, default=4, help="batches between checkpoints")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--device", default="cpu")
@@ -166,8 +185,6 @@ def _load(name: str, device: str):
 def _init_distributed(device: str) -> bool:
     """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL for CUDA, else
     gloo; each process then uses GPU LOCAL_RANK. Returns whether this call created the group."""
-    import os
-
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
@@ -178,10 +195,26 @@ def _init_distributed(device: str) -> bool:
     return True
 
 
+def _fail(command: str, message) -> NoReturn:
+    """A user mistake: one line on stderr, exit status 2 (as argparse and the ``nha`` dispatcher)."""
+    print(f"nha {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def run_stats(args: argparse.Namespace) -> int:
+    """``nha stats``: collect, resuming ``OUT.partial`` unless ``--fresh``, and write ``OUT`` (rank 0).
+
+    Args:
+        args: the parsed ``stats`` arguments.
+
+    Returns:
+        0 (user mistakes exit 2 through :func:`run`).
+    """
     import torch.distributed as dist
-    if args.batch_size < 1 or args.n < 1:
-        raise SystemExit("nha stats: --n and --batch-size must be at least 1")
+    if args.batch_size < 1 or args.n < 1 or args.k < 1 or args.checkpoint_every < 1:
+        _fail("stats", "--n, --batch-size, --k and --checkpoint-every must be at least 1")
+    if args.fresh and args.resume:
+        _fail("stats", "--fresh and --resume contradict each other; give one")
     created = _init_distributed(args.device)
     try:
         return _run_stats(args)
@@ -192,7 +225,7 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def _run_stats(args: argparse.Namespace) -> int:
     from ..adapters import get_spec
-    from ..stats import _dist_info, _rank_path, collect
+    from ..stats.collector import checkpoint_path, collect, dist_info
     device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else args.device
     model, preprocess, _ = _load(args.model, device)
     get_spec(model)      # pair statistics are for CLIP-ResNets: a ViT is refused with a pointer to nha_plugin.vit
@@ -200,29 +233,29 @@ def _run_stats(args: argparse.Namespace) -> int:
         try:
             data = FolderImages(args.images, preprocess)
         except (FileNotFoundError, ValueError) as err:
-            raise SystemExit(f"nha stats: {err}") from err
-        source = f"folder {args.images} ({len(data)} images)"
+            _fail("stats", err)
+        source = f"folder {args.images} ({len(data)} images, names and sizes sha256 {data.fingerprint()[:16]})"
     elif args.model == "scenes-rn":
         from ..scenes import SceneDataset
         data = SceneImages(SceneDataset(args.n, seed=args.seed), preprocess)
         source = f"generated scenes SceneDataset({args.n}, seed={args.seed})"
     else:
-        raise SystemExit(f"nha stats: {args.model} was not trained on the generated scenes; pass --images DIR")
+        _fail("stats", f"{args.model} was not trained on the generated scenes; pass --images DIR")
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     head_cov = {"auto": None, "on": True, "off": False}[args.head_covariance]
     start = time.perf_counter()
     stats = collect(model, data, batch_size=args.batch_size, k=args.k, head_covariance=head_cov, checkpoint=partial,
-                    checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet,
+                    checkpoint_every=args.checkpoint_every, resume=not args.fresh, progress=not args.quiet,
                     num_workers=args.workers, meta={"data": source, "model_name": args.model,
                                                     "command": _command(args)})
-    rank, world = _dist_info()
+    rank, world = dist_info()
     if rank == 0:
         stats.save(out)
         H, C = stats.shape
         print(f"nha stats: {stats.count} images ({source}), H={H} x C={C} pairs, k={stats.k}, "
               f"{world} process(es), {time.perf_counter() - start:.1f} s -> {out}")
-    _rank_path(partial, rank, world).unlink(missing_ok=True)
+    checkpoint_path(partial).unlink(missing_ok=True)
     return 0
 
 
@@ -238,19 +271,28 @@ def _coefficients(model, dataset, batch_size: int, device: str, progress: bool, 
 
 
 def run_sparsity(args: argparse.Namespace) -> int:
+    """``nha sparsity``: sweeps and reconstructions on the held-out scene tasks; JSON, Markdown and PNG in ``--out``.
+
+    Args:
+        args: the parsed ``sparsity`` arguments.
+
+    Returns:
+        0 (user mistakes exit 2 through :func:`run`).
+    """
     from ..adapters import get_spec
     from ..readout import ZeroShotClassifier
     from ..stats import DatasetStats
     from ..applications import ablation as A
     if args.model != "scenes-rn":
-        raise SystemExit("nha sparsity: the tasks are the planted scene concepts, which only scenes-rn knows; "
-                         "use nha_plugin.applications.ablation.sparsity_curves with your own labels")
+        _fail("sparsity", "the tasks are the planted scene concepts, which only scenes-rn knows; use "
+                          "nha_plugin.applications.ablation.sparsity_curves with your own labels")
     bad = [t for t in args.task if t not in TASKS] + [lv for lv in args.levels if lv not in A.LEVELS]
     if bad:
-        raise SystemExit(f"nha sparsity: unknown task/level {bad}; tasks: {', '.join(TASKS)}; levels: "
-                         f"{', '.join(A.LEVELS)}")
+        _fail("sparsity", f"unknown task/level {bad}; tasks: {', '.join(TASKS)}; levels: {', '.join(A.LEVELS)}")
     if any(not 0 <= f <= 1 for f in args.fractions):
-        raise SystemExit(f"nha sparsity: --fractions must lie in [0, 1]; got {args.fractions}")
+        _fail("sparsity", f"--fractions must lie in [0, 1]; got {args.fractions}")
+    if args.n < 1 or args.batch_size < 1:
+        _fail("sparsity", "--n and --batch-size must be at least 1")
     start = time.perf_counter()
     model, preprocess, tokenizer = _load(args.model, args.device)
     spec = get_spec(model)
@@ -298,23 +340,26 @@ def run_sparsity(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace) -> str:
-    """The command line that ran, for the records (``main`` stores its argv; ``nha`` leaves sys.argv)."""
-    argv = getattr(args, "argv", None) or sys.argv[1:]
+    """The command line that ran, for the records (``main`` stores the arguments after the sub-command;
+    ``nha`` leaves them in sys.argv)."""
+    argv = [args.command, *args.argv] if getattr(args, "argv", None) is not None else sys.argv[1:]
     return "nha " + " ".join(shlex.quote(a) for a in argv)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch ``nha stats`` / ``nha sparsity``."""
-    return run_stats(args) if args.command == "stats" else run_sparsity(args)
+    """Dispatch ``nha stats`` / ``nha sparsity``; a refused or corrupted file is a user mistake (exit 2)."""
+    try:
+        return run_stats(args) if args.command == "stats" else run_sparsity(args)
+    except (RunMismatchError, CorruptFileError, FileNotFoundError, UnsupportedModelError,
+            PretrainedUnavailableError) as err:
+        if os.environ.get("NHA_DEBUG"):
+            raise
+        _fail(args.command, err)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="nha", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return run(args)
+    """``python -m nha_plugin.cli.stats stats|sparsity ...``: the two sub-commands without the rest of ``nha``."""
+    return standalone_main(add_parser, run, argv, record_as="argv")
 
 
 if __name__ == "__main__":
