@@ -92,8 +92,10 @@ def user_errors() -> tuple:
 def one_line(err: BaseException) -> str:
     """An error's message on one line (a run-key mismatch lists each differing field on its own line)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-    return "".join(ln + ("" if j == len(lines) - 1 else " " if ln.endswith((":", ".")) else "; ")
-                   for j, ln in enumerate(lines))
+    out = lines[0]
+    for ln in lines[1:]:
+        out += (" " if out.endswith((":", ".")) else ". " if ln[0].isupper() else "; ") + ln
+    return out
 
 
 def pair_signs(path: str, model):

@@ -93,6 +93,7 @@ def _checked_count(part, path: Path, start: int, total: int, names: Sequence[str
                 and all(_is_counts(part["confusion"][m], (K, K)) for m in names)
                 and (not per_image or all(_is_counts(part["per_image"][m], (count, K, K)) for m in names))
                 and all(isinstance(i, int) and start <= i < start + count and set(names) <= set(ex["pred"])
+                        and isinstance(ex["image"], np.ndarray) and isinstance(ex["label"], np.ndarray)
                         for i, ex in part["examples"].items()))
     except (KeyError, TypeError, AttributeError):
         fits = False
