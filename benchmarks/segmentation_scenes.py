@@ -20,7 +20,6 @@ Writes benchmarks/results/segmentation_scenes_rn.json, .md and .png (image, trut
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -31,18 +30,13 @@ import numpy as np
 import torch
 
 import nha_plugin as nha
+from nha_plugin.files import write_json, write_text
 from nha_plugin.applications.segmentation import (METHOD_DESCRIPTIONS, METHODS, ORACLE, ORACLE_DESCRIPTION,
                                                   PAPER_PAIR_SHARE, SceneSegmentation, Segmentor, bootstrap_miou,
                                                   class_embeddings, evaluate, paper_k, plot_examples)
 
 PROTOCOLS = {"classes": "16 classes (10 objects + 6 backgrounds), every pixel scored",
              "ignore": "10 object classes, background ignored (Context-59 convention)"}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _row(res: dict, method: str) -> dict:
@@ -145,8 +139,8 @@ def main(argv=None) -> int:
     }
     payload = {"protocol": protocol, "protocols": PROTOCOLS, "main": main_tables, "ablations": ablations,
                "descriptions": dict(METHOD_DESCRIPTIONS, **{ORACLE: ORACLE_DESCRIPTION})}
-    _atomic_text(out / f"{stem}.json", json.dumps(payload, indent=2))
-    _atomic_text(out / f"{stem}.md", markdown(payload))
+    write_json(out / f"{stem}.json", payload)
+    write_text(out / f"{stem}.md", markdown(payload))
     plot_examples(examples["examples"], examples["class_names"], out / f"{stem}.png",
                   scores={m: s["miou"] for m, s in examples["methods"].items()})
     print(markdown(payload))

@@ -82,4 +82,29 @@ def test_segment_cli_on_pascal_context_ignores_background(tmp_path):
     assert res["n"] == 3 and res["no_background"] and len(res["class_names"]) == 59
     assert res["methods"]["nad"]["pixels"] == scored == res["methods"]["maskclip"]["pixels"]
     assert len(res["methods"]["nad"]["iou"]) == 59
-    assert (out / "predictions.png").exists()
+    assert (out / "predictions.png").exists() and (out / "run.json").is_file()
+
+
+def test_identity_tells_copies_and_id_lists_apart(tmp_path):
+    from nha_plugin.runs import texts_fingerprint
+    voc, _ = _tree(tmp_path / "a")
+    _tree(tmp_path / "b")
+    a = PascalContext59(tmp_path / "a")
+    assert a.identity() == PascalContext59(voc).identity()                 # the same folder, reached another way
+    assert a.identity()["ids"] == texts_fingerprint(IDS) and a.identity()["voc"] == str(voc.resolve())
+    assert a.identity()["voc"] != PascalContext59(tmp_path / "b").identity()["voc"]
+    (voc / "ImageSets" / "SegmentationContext" / "val.txt").write_text("\n".join(IDS[:2]) + "\n")
+    assert PascalContext59(voc).identity()["ids"] == texts_fingerprint(IDS[:2])
+
+
+def test_segment_cli_refuses_to_resume_on_another_id_list(tmp_path, capsys):
+    from nha_plugin.cli.segment import main
+    voc, _ = _tree(tmp_path / "data")
+    argv = ["--dataset", "pascal-context", "--root", str(tmp_path / "data"), "--templates", "photo", "--method",
+            "maskclip", "--out", str(tmp_path / "out"), "--quiet", "--show", "0"]
+    assert main(argv) == 0
+    (voc / "ImageSets" / "SegmentationContext" / "val.txt").write_text("\n".join(IDS[::-1]) + "\n")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.dataset.ids" in err and "--fresh" in err

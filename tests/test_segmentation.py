@@ -173,14 +173,14 @@ def test_sliding_window_single_crop_and_overlap_average(tiny, setup):
     seg = S.Segmentor(tiny, text, ["nad", "maskclip"], k=30, batch_size=2)
     assert (seg.crop_size, seg.stride, seg.short_side) == (128, 64, 128)
     square = _uint8_image(128, 128, 0)
-    crop = seg._resize(square)[None]
+    crop = seg.resize(square)[None]
     single = seg.crop_logits(crop)
     full = seg.logits([square])[0]
     for m in ("nad", "maskclip"):
         assert (full[m] - single[m][0]).abs().max() < 1e-12
     # 128 x 192: two windows (x = 0, 64); columns 64..127 average both
     wide = _uint8_image(128, 192, 1)
-    big = seg._resize(wide)
+    big = seg.resize(wide)
     assert big.shape == (3, 128, 192)
     assert S.sliding_windows(128, 192, 128, 64) == [(0, 0), (0, 64)]
     left, right = seg.crop_logits(big[None, :, :, :128])["nad"][0], seg.crop_logits(big[None, :, :, 64:])["nad"][0]
@@ -296,7 +296,7 @@ def scenes_rn():
     return nha.load_clip("scenes-rn")
 
 
-def test_evaluate_scores_resumes_and_oracle(scenes_rn, tmp_path):
+def test_evaluate_scores_and_oracle(scenes_rn):
     model, preprocess, tok = scenes_rn
     ds = S.SceneSegmentation(4, seed=20_000)
     text = S.class_embeddings(model, tok, ds.prompts())
@@ -322,34 +322,6 @@ def test_evaluate_scores_resumes_and_oracle(scenes_rn, tmp_path):
         cm.update(seg.predict([im])[0]["maskclip"], lab)
     assert fresh["methods"]["maskclip"]["miou"] == pytest.approx(cm.summary()["miou"])
     assert len(fresh["examples"]) == 2
-
-    state = tmp_path / "state.pt"
-    calls = []
-    original = seg.predict
-
-    def killed_after_two(images, sizes=None):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(len(images))
-        return original(images, sizes)
-
-    seg.predict = killed_after_two
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            S.evaluate(seg, ds, progress=False, state_path=state, config={"a": 1}, save_every=1, images_per_step=1)
-        assert torch.load(state, weights_only=False)["next"] == 2
-        calls.clear()
-        seg.predict = lambda images, sizes=None: calls.append(len(images)) or original(images, sizes)
-        resumed = S.evaluate(seg, ds, progress=False, state_path=state, config={"a": 1}, images_per_step=1, show=2)
-        assert calls == [1, 1]                                   # only images 2 and 3 were segmented again
-        for m in ("nad", "maskclip", "oracle-majority"):
-            assert resumed["methods"][m] == fresh["methods"][m]
-        calls.clear()
-        # another configuration is another run: it starts afresh
-        S.evaluate(seg, ds, progress=False, state_path=state, config={"a": 2}, images_per_step=4)
-        assert calls == [4]
-    finally:
-        seg.predict = original
 
 
 def test_segment_cli_writes_results(tmp_path, capsys):
@@ -379,7 +351,7 @@ def test_segment_cli_orients_pairs_with_dataset_pc0_signs(scenes_rn, tmp_path):
     x = images_to_tensor(np.stack([s.image for s in SceneDataset(6, seed=1)]))
     stats = collect(model, [x[:3], x[3:]], k=2, progress=False)
     path = stats.save(tmp_path / "stats.safetensors")
-    signs = segment_cli._pair_signs(str(path), model)
+    signs = segment_cli.pair_signs(str(path), model)
     assert torch.equal(signs, stats.pc0_sign) and (signs == -1).any()
     spec = nha.adapters.get_spec(model)
     text = S.centre_texts(torch.randn(3, 128, generator=torch.Generator().manual_seed(0)))
@@ -404,14 +376,3 @@ def test_default_k_is_the_papers_share_of_pairs(tiny64):
     text = torch.nn.functional.normalize(torch.randn(3, spec.output_dim, dtype=torch.float64), dim=-1)
     seg = Segmentor(tiny64, text, methods=("nad",))
     assert seg.k == 556 and int(seg.mask[0].sum()) == 556
-
-
-def test_resumed_evaluation_restarts_when_the_segmentor_changes(tiny64, tmp_path):
-    """The resume state is keyed on the segmentor's settings, not only on the caller's config."""
-    from nha_plugin.applications.segmentation import Segmentor, _segmentor_identity
-    text = torch.nn.functional.normalize(torch.randn(3, 64, dtype=torch.float64), dim=-1)
-    a = _segmentor_identity(Segmentor(tiny64, text, methods=("nad",), k=50))
-    assert a == _segmentor_identity(Segmentor(tiny64, text, methods=("nad",), k=50))
-    assert a != _segmentor_identity(Segmentor(tiny64, text, methods=("nad",), k=60))
-    assert a != _segmentor_identity(Segmentor(tiny64, text, methods=("nad",), k=50, sink="keep"))
-    assert a != _segmentor_identity(Segmentor(tiny64, text.flip(0), methods=("nad",), k=50))

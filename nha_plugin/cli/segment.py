@@ -3,23 +3,27 @@
     nha segment                                             # scenes-rn on 100 held-out generated scenes, all methods
     nha segment --method nad --k 417 --n 500 --out seg_out
     nha segment --model RN50x16 --pretrained openai --dataset pascal-context --root data/VOCdevkit \\
-        --method all --stats stats.pt --device cuda         # the paper's protocol (Context-59, no background)
+        --method all --stats stats.safetensors --device cuda         # the paper's protocol (Context-59, no background)
 
-Writes ``results.json``, ``results.md`` and ``predictions.png`` (image, ground truth, each method) to ``--out``; a
-killed run resumes from ``segment_state.pt`` there (``--fresh`` discards it). Wire into the ``nha`` parser with
-:func:`add_parser` and dispatch with :func:`run`; ``python -m nha_plugin.cli.segment`` runs it alone.
+Writes ``results.json``, ``results.md`` and ``predictions.png`` (image, ground truth, each method) to ``--out``. The
+folder is a resumable run (:mod:`nha_plugin.applications.segmentation.evaluation`): ``run.json`` holds its key (the
+settings, the segmentor, the data, the weights) and ``images_*.part.safetensors`` the work done, so a killed run
+resumes where it stopped; another configuration in the same folder is refused, naming what differs (``--fresh``
+discards the saved run). Nothing there is ever unpickled. Mistakes (a bad option, a missing file, a mismatching or
+damaged run folder) print one line and exit with status 2; ``NHA_DEBUG=1`` raises them with the traceback instead.
+Wire into the ``nha`` parser with :func:`add_parser` and dispatch with :func:`run`; ``python -m
+nha_plugin.cli.segment`` runs it alone.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["add_parser", "configure", "run", "main"]
+__all__ = ["UsageError", "add_parser", "configure", "pair_signs", "one_line", "user_errors", "segment", "run", "main"]
 
 HELP = "training-free segmentation with NAD and its baselines (MaskCLIP, self-self, neurons-/heads-only)"
 DATASETS = ("scenes", "pascal-context")
@@ -68,18 +72,64 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="crops per forward pass")
     p.add_argument("--show", type=int, default=6, help="images in predictions.png")
     p.add_argument("--out", default="segment_out", help="output folder")
-    p.add_argument("--fresh", action="store_true", help="discard a saved partial run in --out")
+    p.add_argument("--fresh", action="store_true", help="discard the run saved in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _pair_signs(path: str, model):
-    """The PC0 sign of every pair (H, C) from a statistics file, checked against ``model``."""
+class UsageError(ValueError):
+    """A mistake in the command line of ``nha segment``: reported as one line, exit status 2."""
+
+
+def user_errors() -> tuple:
+    """The exceptions :func:`run` reports as one line with exit status 2: bad options and settings (ValueError,
+    which includes a mismatching or damaged run folder and mismatching statistics), missing files, models it cannot
+    load."""
+    from ..models import PretrainedUnavailableError
+    from ..spec import UnsupportedModelError
+    return ValueError, FileNotFoundError, NotADirectoryError, UnsupportedModelError, PretrainedUnavailableError
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (a run-key mismatch lists each differing field on its own line)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+    out = lines[0]
+    for ln in lines[1:]:
+        out += (" " if out.endswith((":", ".")) else ". " if ln[0].isupper() else "; ") + ln
+    return out
+
+
+def pair_signs(path: str, model):
+    """The PC0 sign of every pair from a statistics file, checked against ``model``.
+
+    Args:
+        path: a file of :meth:`nha_plugin.stats.DatasetStats.save`.
+        model: the CLIP model the statistics must belong to.
+
+    Returns:
+        (H, C) tensor of +-1.
+    """
     import torch
-    try:
-        from ..stats import DatasetStats
-    except ImportError as err:
-        raise SystemExit(f"nha segment: --stats needs nha_plugin.stats.DatasetStats, which this install lacks ({err})")
+    from ..stats import DatasetStats
     return torch.as_tensor(DatasetStats.load(path, model).pc0_sign)
+
+
+def _check_args(args) -> None:
+    """Refuse impossible options before anything is loaded."""
+    positive = {"--n": args.n, "--k": args.k, "--stride": args.stride, "--short-side": args.short_side,
+                "--batch-size": args.batch_size}
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1; got {value}")
+    if args.crop is not None and (args.crop < 32 or args.crop % 32):
+        raise UsageError(f"--crop must be a positive multiple of 32 (the ResNet's stride); got {args.crop}")
+    if args.show < 0:
+        raise UsageError(f"--show must be 0 or more images; got {args.show}")
+    if args.dataset == "pascal-context" and not args.root:
+        raise UsageError("--dataset pascal-context needs --root (the folder holding VOCdevkit)")
+    if args.templates == "scenes" and args.dataset != "scenes":
+        raise UsageError("--templates scenes only applies to --dataset scenes; use imagenet, photo or a file")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a folder (it holds the run and its results)")
 
 
 def _dataset(args):
@@ -89,8 +139,6 @@ def _dataset(args):
         ds = SceneSegmentation(n, seed=args.seed, background=args.scene_background)
         return ds, (f"generated scenes (nha_plugin.scenes), seed {args.seed} (held out), {n} images, "
                     f"background {args.scene_background}")
-    if not args.root:
-        raise SystemExit("nha segment: --dataset pascal-context needs --root (the folder holding VOCdevkit)")
     from ..datasets.pascal_context import PascalContext59
     ds = PascalContext59(args.root, split=args.split)
     return ds, f"PASCAL Context-59 {args.split} ({len(ds)} images) at {ds.voc}, background ignored"
@@ -101,39 +149,27 @@ def _texts(args, model, tokenizer, ds):
     from ..applications.segmentation import class_embeddings
     name = args.templates or ("scenes" if args.dataset == "scenes" else "imagenet")
     if name == "scenes":
-        if args.dataset != "scenes":
-            raise SystemExit("nha segment: --templates scenes only applies to --dataset scenes")
         return class_embeddings(model, tokenizer, ds.prompts(), centre=not args.no_centre), "scene caption forms"
     templates = get_templates(name)
     return (class_embeddings(model, tokenizer, list(ds.class_names), templates, centre=not args.no_centre),
             f"{name} ({len(templates)} templates)")
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``nha segment`` from parsed ``args``; prints the table and writes the files. Returns 0."""
+def segment(args: argparse.Namespace) -> int:
+    """The work of ``nha segment``; errors propagate (:func:`run` reports the user's as one line)."""
     import nha_plugin as nha
     from ..applications.segmentation import (METHODS, METHOD_DESCRIPTIONS, Segmentor, evaluate, plot_examples,
-                               results_markdown)
+                                             results_markdown)
+    from ..files import write_json, write_text
+    _check_args(args)
     methods = list(METHODS) if not args.method or "all" in args.method else list(dict.fromkeys(args.method))
-    if args.n is not None and args.n < 1:
-        raise SystemExit("nha segment: --n must be at least 1")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = out / "segment_state.pt"
-    if args.fresh and state.exists():
-        state.unlink()
     start = time.perf_counter()
     ds, data_desc = _dataset(args)
     model, preprocess, tokenizer = nha.load_clip(args.model, args.pretrained, device=args.device,
                                                  precision=args.precision)
     text, text_desc = _texts(args, model, tokenizer, ds)
-    signs = _pair_signs(args.stats, model) if args.stats else None
+    signs = pair_signs(args.stats, model) if args.stats else None
     seg = Segmentor(model, text, methods, k=args.k, pair_signs=signs, crop_size=args.crop, stride=args.stride,
                     short_side=args.short_side, preprocess=preprocess, sink=args.sink, bias_share=args.bias_share,
                     batch_size=args.batch_size)
@@ -141,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
               "centre": not args.no_centre, "k": seg.k, "crop": seg.crop_size, "stride": seg.stride,
               "short_side": seg.short_side, "sink": args.sink, "bias_share": args.bias_share, "stats": args.stats,
               "precision": args.precision}
-    result = evaluate(seg, ds, n=args.n, show=args.show, state_path=state, config=config, progress=not args.quiet)
+    result = evaluate(seg, ds, n=args.n, show=args.show, run_dir=out, fresh=args.fresh, config=config,
+                      progress=not args.quiet)
     seconds = time.perf_counter() - start
     protocol = [f"model: {args.model} (pretrained={args.pretrained}); H={seg.spec.num_heads} heads x "
                 f"C={seg.spec.num_neurons} neurons",
@@ -166,14 +203,30 @@ def run(args: argparse.Namespace) -> int:
             print("predictions.png skipped: plotting needs matplotlib (pip install 'nha-plugin[demo]')")
     summary = {k: v for k, v in result.items() if k != "examples"}
     summary.update(config=config, protocol=protocol, seconds=seconds, descriptions=METHOD_DESCRIPTIONS)
-    _atomic_text(out / "results.json", json.dumps(summary, indent=2))
-    _atomic_text(out / "results.md", md)
+    write_json(out / "results.json", summary)
+    write_text(out / "results.md", md)
     print(md)
     print(f"results: {out / 'results.json'}, {out / 'results.md'}" + (f"; figure: {png}" if png else ""))
     return 0
 
 
+def run(args: argparse.Namespace) -> int:
+    """Run ``nha segment`` from parsed ``args``: prints the table and writes the files.
+
+    Returns:
+        0, or 2 after printing a user error (:func:`user_errors`) as one line to stderr (``NHA_DEBUG=1``: raised).
+    """
+    try:
+        return segment(args)
+    except user_errors() as err:
+        if os.environ.get("NHA_DEBUG"):
+            raise
+        print(f"nha segment: error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``nha segment`` on its own: parse ``argv`` (default ``sys.argv[1:]``) and :func:`run`."""
     parser = argparse.ArgumentParser(prog="nha segment", description=__doc__.split("\n\nWrites")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     configure(parser)

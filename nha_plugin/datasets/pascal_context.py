@@ -25,6 +25,8 @@ from typing import List, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from ..runs import texts_fingerprint
+
 __all__ = ["PascalContext59", "CONTEXT59_CLASSES", "NO_BACKGROUND", "find_voc2010"]
 
 CONTEXT59_CLASSES: Tuple[str, ...] = (
@@ -85,6 +87,16 @@ class PascalContext59:
         for path in (self._image_path(first), self._label_path(first)):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} (the first id of {listing}) is missing; expected the layout {_LAYOUT}")
+
+    def identity(self) -> dict:
+        """What selects these images and labels (JSON-able), for run keys: a resumed evaluation refuses another
+        copy, split or id list.
+
+        Returns:
+            ``{"type", "voc": the resolved VOC2010 folder, "split", "ids": sha256 of the id list}``.
+        """
+        return {"type": "PascalContext59", "voc": str(self.voc.resolve()), "split": self.split,
+                "ids": texts_fingerprint(self.ids)}
 
     def _image_path(self, i: str) -> Path:
         return self.voc / "JPEGImages" / f"{i}.jpg"
