@@ -31,11 +31,16 @@ from nha_plugin.vit.decomposition import LEVELS
 # the benchmarks are scripts, not a package: the CLIP-ResNet benchmark beside this file holds the shared harness
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decomposition_speed as rn_speed  # noqa: E402
-from decomposition_speed import _sync  # noqa: E402
 
 DTYPES = {**rn_speed.DTYPES, "fp64": torch.float64}
 TINY = dict(embed_dim=32, vision_cfg=dict(layers=3, width=64, head_width=16, patch_size=16, image_size=64),
             text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
+
+
+def _sync(device: str) -> None:
+    """Wait for the GPU's queued work, so a timer measures it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _time_interleaved(fns: list, device: str, repeats: int) -> list[float]:

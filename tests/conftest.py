@@ -242,3 +242,29 @@ def assert_user_error(capsys, text: str, main, argv) -> str:
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and text in err and "Traceback" not in err, err
     return err
+
+
+def write_malicious_pickle(path, marker) -> bytes:
+    """Write at ``path`` a pickle whose unpickling creates the file ``marker`` (its ``__reduce__`` calls
+    ``open(marker, "w")``), as an attacker planting a checkpoint would; returns its bytes."""
+    import pickle
+    from pathlib import Path
+
+    class Planted:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+    data = pickle.dumps(Planted())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(data)
+    return data
+
+
+def assert_pickle_would_run(data: bytes, marker) -> None:
+    """The planted bytes really execute code when unpickled (so a test that never sees ``marker`` means the
+    package never unpickled them); the marker is removed again."""
+    import pickle
+    from pathlib import Path
+
+    pickle.loads(data).close()
+    assert Path(marker).exists()
+    Path(marker).unlink()

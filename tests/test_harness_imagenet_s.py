@@ -20,7 +20,8 @@ def _write_tiny_mat(path, images, masks):
         img_refs = np.empty((len(images), 1), dtype=h5py.ref_dtype)
         gt_refs = np.empty((len(images), 1), dtype=h5py.ref_dtype)
         for i, (im, gt) in enumerate(zip(images, masks)):
-            img_refs[i, 0] = refs.create_dataset(f"img{i}", data=im.transpose(2, 1, 0)).ref    # MATLAB layout
+            stored = im.T if im.ndim == 2 else im.transpose(2, 1, 0)                          # MATLAB layout
+            img_refs[i, 0] = refs.create_dataset(f"img{i}", data=stored).ref
             gt_refs[i, 0] = refs.create_dataset(f"gt{i}", data=gt.astype(np.uint8).T).ref
         value = f.create_group("value")
         value.create_dataset("img", data=img_refs)
@@ -43,3 +44,26 @@ def test_loader_reads_the_mat_layout(tmp_path):
     assert legacy[0][:, 18:].all()                   # the reference's uncropped mask: misaligned with the image
     np.testing.assert_array_equal(mks[1], resize_centre_crop(masks[1].astype(np.uint8), 24, nearest=True) > 0)
     assert mks[1].sum() > 0
+
+
+def test_grey_images_are_read_as_three_equal_channels(tmp_path):
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 255, (20, 36), dtype=np.uint8)                 # stored (W, H) by MATLAB, no channel axis
+    mask = np.zeros((20, 36), bool)
+    mask[5:15, 10:20] = True
+    path = tmp_path / "gtsegs_ijcv.mat"
+    _write_tiny_mat(path, [grey], [mask])
+    ims, mks = load_imagenet_segmentation(str(path), size=20)
+    expected = resize_centre_crop(np.stack([grey] * 3, -1), 20)
+    np.testing.assert_array_equal(ims[0], expected)
+    assert (ims[0, ..., 0] == ims[0, ..., 2]).all()
+    np.testing.assert_array_equal(mks[0], resize_centre_crop(mask.astype(np.uint8), 20, nearest=True) > 0)
+
+
+def test_a_file_without_the_datasets_is_refused(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "other.mat"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.zeros(3))
+    with pytest.raises(ValueError, match="no value/img and value/gt"):
+        load_imagenet_segmentation(str(path))

@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_VIT_CFG, assert_topk_selection, images_for, make_tiny_vit, scaled_tol
-from nha_plugin import vit
+from conftest import (TINY_VIT_CFG, assert_pickle_would_run, assert_topk_selection, images_for, make_tiny_vit,
+                      scaled_tol, write_malicious_pickle)
+from nha_plugin import files, runs, vit
+from nha_plugin.applications import second_order as experiments
 from nha_plugin.cli import neurons as cli
 from nha_plugin.vit import second_order as so
 
@@ -253,7 +255,7 @@ def test_resume_after_interruption(dataset, tmp_path):
         if len(calls) == 6:                                                    # dies in pass 2, batch 2
             raise KeyboardInterrupt
         return images[s:e]
-    path = tmp_path / "stats.pt"
+    path = tmp_path / "stats.safetensors"
     with pytest.raises(ValueError, match="dataset_id"):                        # no resume key, no checkpoint
         so.collect_second_order(spec, LAYER, flaky, N_IMG, batch_size=3, k=K_TOP, path=path, progress=False)
     calls.clear()
@@ -269,6 +271,83 @@ def test_resume_after_interruption(dataset, tmp_path):
     again = so.SecondOrderStats.load(path)
     _assert_same_state(resumed, again)
     assert not calls
+
+
+def test_resume_in_the_first_pass(dataset, tmp_path):
+    spec, images, _, _ = dataset
+    calls, killed = [], []
+
+    def flaky(s, e):
+        calls.append(s)
+        if len(calls) == 3 and not killed:                                     # dies in pass 1, batch 2
+            killed.append(s)
+            raise KeyboardInterrupt
+        return images[s:e]
+    kw = dict(batch_size=3, k=K_TOP, path=tmp_path / "s.safetensors", progress=False, dataset_id="test images")
+    with pytest.raises(KeyboardInterrupt):
+        so.collect_second_order(spec, LAYER, flaky, N_IMG, **kw)
+    calls.clear()
+    resumed = so.collect_second_order(spec, LAYER, flaky, N_IMG, **kw)
+    assert calls == [6, 9, 0, 3, 6, 9]                                         # pass 1 from batch 2, then pass 2
+    _assert_same_state(_collect(spec, images), resumed)
+
+
+def test_checkpoint_of_other_settings_or_images_is_refused(dataset, tmp_path):
+    spec, images, _, _ = dataset
+    path = tmp_path / "s.safetensors"
+    kw = dict(k=K_TOP, path=path, progress=False)
+
+    def source(x):
+        return lambda s, e: x[s:e]
+    so.collect_second_order(spec, LAYER, source(images), N_IMG, batch_size=3, dataset_id="a", **kw)
+    with pytest.raises(runs.RunMismatchError, match="config.batch_size: found 3, expected 4"):
+        so.collect_second_order(spec, LAYER, source(images), N_IMG, batch_size=4, dataset_id="a", **kw)
+    with pytest.raises(runs.RunMismatchError, match='data.dataset_id: found "a", expected "b"'):
+        so.collect_second_order(spec, LAYER, source(images), N_IMG, batch_size=3, dataset_id="b", **kw)
+    other = so.collect_second_order(spec, LAYER, source(images), N_IMG, batch_size=4, dataset_id="b", fresh=True,
+                                    **kw)
+    _assert_same_state(other, _collect(spec, images))
+    # a source that changes between the passes, or another dataset under the same name resumed mid-way
+    swapped = images_for(images.shape[-1], N_IMG, seed=11)
+    calls = []
+
+    def changes(s, e):
+        calls.append(s)
+        return (images if len(calls) <= 4 else swapped)[s:e]
+    with pytest.raises(runs.RunMismatchError, match="images 0..2 differ"):
+        so.collect_second_order(spec, LAYER, changes, N_IMG, batch_size=3, dataset_id="c", fresh=True, **kw)
+
+    def dies(s, e):
+        if s == 6:
+            raise KeyboardInterrupt
+        return images[s:e]
+    with pytest.raises(KeyboardInterrupt):
+        so.collect_second_order(spec, LAYER, dies, N_IMG, batch_size=3, dataset_id="d", fresh=True, **kw)
+    with pytest.raises(runs.RunMismatchError, match="images 0..2 differ"):
+        so.collect_second_order(spec, LAYER, source(swapped), N_IMG, batch_size=3, dataset_id="d", **kw)
+
+
+def test_statistics_files_round_trip_and_are_never_unpickled(dataset, tmp_path):
+    spec, images, _, _ = dataset
+    st = _collect(spec, images)
+    st.save(tmp_path / "st.safetensors")
+    again = so.SecondOrderStats.load(tmp_path / "st.safetensors")
+    for key, value in st.state().items():
+        got = again.state()[key]
+        assert torch.equal(got, value) and got.dtype == value.dtype if torch.is_tensor(value) else got == value, key
+    marker = tmp_path / "executed"
+    for name in ("p.safetensors", "p.pt"):
+        data = write_malicious_pickle(tmp_path / name, marker)
+        with pytest.raises(files.CorruptFileError, match=name):
+            so.SecondOrderStats.load(tmp_path / name)
+        with pytest.raises(files.CorruptFileError, match=name):
+            so.collect_second_order(spec, LAYER, lambda s, e: images[s:e], N_IMG, batch_size=3, k=K_TOP,
+                                    path=tmp_path / name, progress=False, dataset_id="x")
+    with pytest.raises(files.CorruptFileError, match="not a collect_second_order checkpoint"):
+        so.collect_second_order(spec, LAYER, lambda s, e: images[s:e], N_IMG, batch_size=3, k=K_TOP,
+                                path=tmp_path / "st.safetensors", progress=False, dataset_id="x")
+    assert not marker.exists()
+    assert_pickle_would_run(data, marker)
 
 
 def test_ablations_exact(dataset):
@@ -317,7 +396,7 @@ def test_select_segmentation_neurons_by_abs_alignment():
     g = torch.Generator().manual_seed(0)
     pcs = {1: F.normalize(torch.randn(6, 4, generator=g), dim=1), 2: F.normalize(torch.randn(5, 4, generator=g), dim=1)}
     rows = F.normalize(torch.randn(4, 3, generator=g), dim=0)
-    sel = cli.select_segmentation_neurons(pcs, rows, top=4)
+    sel = experiments.select_segmentation_neurons(pcs, rows, top=4)
     for c in range(3):
         scores = {(lay, n): abs(float(pcs[lay][n] @ rows[:, c])) for lay in pcs for n in range(pcs[lay].shape[0])}
         assert sel[c] == sorted(scores, key=scores.get, reverse=True)[:4]
@@ -352,7 +431,7 @@ def test_cli_all_on_tiny_model(monkeypatch, tmp_path):
     assert r["adversarial"]["attack"]["n"] == r["adversarial"]["control_random_words"]["n"]
     assert len(r["describe"]["neurons"]) == 10
     assert "Zero-shot accuracy" in out.with_suffix(".md").read_text()
-    assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == ["layers0-1_n12_k4.pt"]
+    assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == ["layers0-1_n12_k4.safetensors"]
 
 
 def test_cli_refuses_bad_layer_and_classes(monkeypatch):
@@ -362,3 +441,31 @@ def test_cli_refuses_bad_layer_and_classes(monkeypatch):
         cli.main(["neurons", "stats", "--layer", "2", "--quiet"])
     with pytest.raises(SystemExit, match="--classes scenes"):
         cli.main(["neurons", "ablate", "--classes", "imagenet", "--quiet"])
+
+
+def _neurons_stats(monkeypatch, tmp_path, *extra):
+    model = make_tiny_vit(torch.float32)
+    monkeypatch.setattr(cli, "_load_model", lambda *a: (model, open_clip.get_tokenizer("ViT-B-32")))
+    return cli.main(["neurons", "stats", "--n-images", "6", "--k", "2", "--batch-size", "3",
+                     "--stats-dir", str(tmp_path / "stats"), "--quiet", *extra])
+
+
+def test_cli_stats_cache_is_keyed_and_never_unpickled(monkeypatch, tmp_path, capsys):
+    marker = tmp_path / "executed"
+    stats = tmp_path / "stats" / "layers0_n6_k2.safetensors"
+    assert _neurons_stats(monkeypatch, tmp_path) == 0 and stats.is_file()
+    genuine = stats.read_bytes()
+    capsys.readouterr()
+    data = write_malicious_pickle(stats, marker)                               # the checkpoint it reads
+    assert _neurons_stats(monkeypatch, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert stats.name in err and len(err.strip().splitlines()) == 1 and "--fresh" in err
+    stats.write_bytes(genuine)
+    write_malicious_pickle(stats.with_suffix(".pt"), marker)                   # the old format's name: ignored
+    assert _neurons_stats(monkeypatch, tmp_path) == 0
+    assert _neurons_stats(monkeypatch, tmp_path, "--batch-size", "2") == 2     # another run's checkpoint
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "config.batch_size: found 3, expected 2" in err
+    assert _neurons_stats(monkeypatch, tmp_path, "--batch-size", "2", "--fresh") == 0
+    assert not marker.exists()
+    assert_pickle_would_run(data, marker)

@@ -1,4 +1,6 @@
 """Spurious-feature removal: worst-group accuracy by hand, a planted background head, the probe vs scikit-learn."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -199,3 +201,40 @@ def test_waterbirds_experiment_on_a_fake_tree(tiny_loader, tmp_path):
     assert set(zs["before"]["groups"]) == {"landbird on land", "landbird on water", "waterbird on land",
                                            "waterbird on water"}
     assert all(set(d["place_texts"]) <= {"a forest", "the ocean", "a lake", "a beach"} for d in res["head_scores"])
+
+
+def test_spurious_cli_parts_are_keyed_and_never_unpickled(tiny_loader, tmp_path, capsys):
+    """A pickle planted under each name the command reads in its parts folders gives one line naming the file and
+    exit 2 (the old format's names are ignored); it never runs. Other settings are refused; --fresh recomputes."""
+    from conftest import assert_pickle_would_run, write_malicious_pickle
+
+    from nha_plugin.cli import vit as vit_cli
+    marker, parts, out = tmp_path / "executed", tmp_path / "parts", tmp_path / "sp.json"
+
+    def spurious(*extra):
+        return vit_cli.main(["spurious", "--model", "scenes-vit", "--n-train", "8", "--n-test", "8", "--n-textspan",
+                             "8", "--train-strengths", "1", "--m", "3", "--batch-size", "8", "--n-sets", "2",
+                             "--out", str(out), "--quiet", "--cache-dir", str(tmp_path / "c"), "--parts", str(parts),
+                             *extra])
+    assert spurious() == 0
+    straight = json.loads(out.read_text())
+    genuine = {p.relative_to(parts): p.read_bytes() for p in sorted(parts.rglob("*")) if p.is_file()}
+    assert sorted(map(str, genuine)) == [f"{s}/{n}" for s in ("test", "textspan", "train_1")
+                                         for n in ("part_00000.part.safetensors", "run.json")]
+    capsys.readouterr()
+    for name in genuine:
+        data = write_malicious_pickle(parts / name, marker)
+        assert spurious() == 2
+        err = capsys.readouterr().err
+        assert str(parts / name) in err and len(err.strip().splitlines()) == 1, (name, err)
+        (parts / name).write_bytes(genuine[name])
+    for name in ("textspan/part_00000.pt", "test/key.json"):
+        write_malicious_pickle(parts / name, marker)
+    assert spurious() == 0
+    assert json.loads(out.read_text())["readouts"] == straight["readouts"]    # resumed from the parts
+    assert spurious("--seed", "1") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "data.meta.seed: found 7000001, expected 7000002" in err
+    assert spurious("--seed", "1", "--fresh") == 0
+    assert not marker.exists()
+    assert_pickle_would_run(data, marker)

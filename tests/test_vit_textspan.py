@@ -1,13 +1,16 @@
 """TextSpan on CLIP-ViT heads: agreement with text_span on the stacked tensors, exact full-span
 reconstruction, mean-ablation against the decomposition's own and a dense sum, resumable collection."""
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_greedy_picks_agree, images_for, scaled_tol
-from nha_plugin import vit
+from conftest import (assert_greedy_picks_agree, assert_pickle_would_run, images_for, scaled_tol,
+                      write_malicious_pickle)
+from nha_plugin import files, runs, vit
 from nha_plugin.text import text_span
 from nha_plugin.vit import textspan_heads as TS
 
@@ -115,9 +118,9 @@ def test_collection_resumes_from_parts(tiny_vit64, tmp_path, monkeypatch):
         TS.collect_head_statistics(tiny_vit64, lambda a, b: images[a:b], 5, parts_dir=tmp_path / "p", progress=False)
     first = TS.collect_head_statistics(tiny_vit64, lambda a, b: images[a:b], 5, batch_size=2, progress=False,
                                        parts_dir=tmp_path / "p", meta={"images": "seed 6"})
-    assert sorted(p.name for p in (tmp_path / "p").glob("part_*.pt")) == ["part_00000.pt", "part_00001.pt",
-                                                                        "part_00002.pt"]
-    (tmp_path / "p" / "part_00001.pt").unlink()                          # a run killed after two batches
+    assert sorted(p.name for p in (tmp_path / "p").glob("part_*")) == [
+        "part_00000.part.safetensors", "part_00001.part.safetensors", "part_00002.part.safetensors"]
+    (tmp_path / "p" / "part_00001.part.safetensors").unlink()            # a run killed after two batches
     calls = []
     real = TS._batch_parts
     monkeypatch.setattr(TS, "_batch_parts", lambda *a: calls.append(1) or real(*a))
@@ -126,10 +129,13 @@ def test_collection_resumes_from_parts(tiny_vit64, tmp_path, monkeypatch):
     assert len(calls) == 1
     torch.testing.assert_close(again.contributions, first.contributions, rtol=1e-12, atol=scaled_tol(first.contributions))
     torch.testing.assert_close(again.head_means, first.head_means, rtol=1e-12, atol=scaled_tol(first.head_means))
-    with pytest.raises(ValueError, match="another run"):
+    with pytest.raises(runs.RunMismatchError, match="config.batch_size: found 2, expected 3"):
         TS.collect_head_statistics(tiny_vit64, images, batch_size=3, progress=False, parts_dir=tmp_path / "p")
-    first.save(tmp_path / "s.pt")
-    assert torch.equal(TS.HeadStatistics.load(tmp_path / "s.pt").embedding, first.embedding)
+    first.save(tmp_path / "s.safetensors")
+    loaded = TS.HeadStatistics.load(tmp_path / "s.safetensors")
+    for f in dataclasses.fields(first):
+        a, b = getattr(loaded, f.name), getattr(first, f.name)
+        assert torch.equal(a, b) and a.dtype == b.dtype if isinstance(b, torch.Tensor) else a == b, f.name
 
 
 def test_textspan_cli(monkeypatch, tmp_path, tiny_vit64):
@@ -167,8 +173,141 @@ def test_basis_of_a_degenerate_pool_has_no_invented_directions():
     assert span.rank == 3 and len(span.indices) == 3 and abs(float(span.explained[-1]) - 1) < 1e-12
 
 
-def test_parts_of_other_images_are_refused(tiny_vit64, tmp_path):
+def test_parts_of_other_meta_are_refused(tiny_vit64, tmp_path):
     images = images_for(tiny_vit64, batch=2, seed=7)
     TS.collect_head_statistics(tiny_vit64, images, progress=False, parts_dir=tmp_path, meta={"seed": 1})
-    with pytest.raises(ValueError, match="another run"):
+    with pytest.raises(runs.RunMismatchError, match="data.meta.seed: found 1, expected 2"):
         TS.collect_head_statistics(tiny_vit64, images, progress=False, parts_dir=tmp_path, meta={"seed": 2})
+
+
+# ---- safe, resumable collection ---------------------------------------------------------------------------
+def _assert_same_statistics(a, b) -> None:
+    for f in dataclasses.fields(b):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(y, torch.Tensor):
+            assert x.dtype == y.dtype, f.name
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=scaled_tol(y), msg=f.name)
+        else:
+            assert x == y, f.name
+
+
+def test_parts_of_other_images_with_the_same_meta_are_refused(tiny_vit64, tmp_path):
+    """The same meta but other images: a function source is caught by the part's stored fingerprint, a tensor by
+    the run key; with fresh=True the other images are recomputed, equal to a run without parts."""
+    mine, other = images_for(tiny_vit64, batch=4, seed=8), images_for(tiny_vit64, batch=4, seed=9)
+    kw = dict(batch_size=2, progress=False, meta={"dataset": "the same words"})
+    TS.collect_head_statistics(tiny_vit64, lambda a, b: mine[a:b], 4, parts_dir=tmp_path / "f", **kw)
+    with pytest.raises(runs.RunMismatchError, match="part_00000 was computed on other images than images 0..1"):
+        TS.collect_head_statistics(tiny_vit64, lambda a, b: other[a:b], 4, parts_dir=tmp_path / "f", **kw)
+    changed_late = torch.cat([mine[:2], other[2:]])                      # batch 0 agrees, batch 1 does not
+    with pytest.raises(runs.RunMismatchError, match="part_00001 was computed on other images than images 2..3"):
+        TS.collect_head_statistics(tiny_vit64, lambda a, b: changed_late[a:b], 4, parts_dir=tmp_path / "f", **kw)
+    TS.collect_head_statistics(tiny_vit64, mine, parts_dir=tmp_path / "t", **kw)
+    with pytest.raises(runs.RunMismatchError, match="data.images"):
+        TS.collect_head_statistics(tiny_vit64, other, parts_dir=tmp_path / "t", **kw)
+    fresh = TS.collect_head_statistics(tiny_vit64, lambda a, b: other[a:b], 4, parts_dir=tmp_path / "f",
+                                       fresh=True, **kw)
+    _assert_same_statistics(fresh, TS.collect_head_statistics(tiny_vit64, other, **kw))
+
+
+def test_killed_collection_resumes_to_the_same_statistics(tiny_vit64, tmp_path, monkeypatch):
+    images = images_for(tiny_vit64, batch=7, seed=10)
+    kw = dict(layers=2, batch_size=2, labels=range(7), groups=[i % 3 for i in range(7)], progress=False,
+              meta={"images": "seed 10"})
+    straight = TS.collect_head_statistics(tiny_vit64, images, **kw)
+
+    def dies_at_batch_2(a, b):
+        if a == 4:
+            raise KeyboardInterrupt
+        return images[a:b]
+    with pytest.raises(KeyboardInterrupt):
+        TS.collect_head_statistics(tiny_vit64, dies_at_batch_2, 7, parts_dir=tmp_path, **kw)
+    done = []
+    real = TS._batch_parts
+    monkeypatch.setattr(TS, "_batch_parts", lambda model, x, layers: done.append(len(x)) or real(model, x, layers))
+    resumed = TS.collect_head_statistics(tiny_vit64, lambda a, b: images[a:b], 7, parts_dir=tmp_path, **kw)
+    assert done == [2, 1]                                                # only batches 2 and 3 were decomposed
+    _assert_same_statistics(resumed, straight)
+
+
+def test_statistics_files_are_never_unpickled(tiny_vit64, tmp_path):
+    marker = tmp_path / "executed"
+    for name in ("s.safetensors", "s.pt"):
+        data = write_malicious_pickle(tmp_path / name, marker)
+        with pytest.raises(files.CorruptFileError, match=name):
+            TS.HeadStatistics.load(tmp_path / name)
+    files.save_state(tmp_path / "other.safetensors", {"format": "something else"})
+    with pytest.raises(files.CorruptFileError, match="no head statistics"):
+        TS.HeadStatistics.load(tmp_path / "other.safetensors")
+    assert not marker.exists()
+    assert_pickle_would_run(data, marker)
+
+
+def _textspan(tmp_path, parts, *extra):
+    from nha_plugin.cli import vit as vit_cli
+    return vit_cli.main(["textspan", "--model", "scenes-vit", "--n", "4", "--batch-size", "2", "--layers", "1",
+                         "--m", "2", "--ms", "1,2", "--out", str(tmp_path / "ts.json"), "--quiet",
+                         "--cache-dir", str(tmp_path / "c"), "--parts", str(parts), *extra])
+
+
+@pytest.fixture
+def tiny_textspan(monkeypatch, tiny_vit64):
+    import open_clip
+
+    import nha_plugin
+    monkeypatch.setattr(nha_plugin, "load_clip",
+                        lambda *a, **k: (tiny_vit64, None, open_clip.tokenizer.SimpleTokenizer()))
+
+
+def test_textspan_cli_never_unpickles_what_it_finds(tiny_textspan, tmp_path, capsys):
+    """A pickle planted under each name the command reads (in an empty parts folder and in a genuine run's) gives
+    one line naming it and exit 2; under the old format's names it is ignored; it never runs."""
+    marker = tmp_path / "executed"
+    assert _textspan(tmp_path, tmp_path / "genuine") == 0
+    genuine = {p.name: p.read_bytes() for p in (tmp_path / "genuine").iterdir()}
+    assert sorted(genuine) == ["part_00000.part.safetensors", "part_00001.part.safetensors", "run.json"]
+    capsys.readouterr()
+    for i, name in enumerate([*genuine, "part_00000.pt", "key.json", "ts.json"]):
+        for seeded in (False, True):
+            parts = tmp_path / f"case{i}{seeded}"
+            for other, data in genuine.items() if seeded else ():
+                (parts / other).parent.mkdir(exist_ok=True)
+                (parts / other).write_bytes(data)
+            data = write_malicious_pickle((tmp_path if name == "ts.json" else parts) / name, marker)
+            rc = _textspan(tmp_path, parts)
+            err = capsys.readouterr().err
+            if name in genuine:
+                assert rc == 2 and name in err and len(err.strip().splitlines()) == 1, (name, seeded, err)
+            else:
+                assert rc == 0 and not err, (name, seeded, err)
+            assert not marker.exists()
+    assert json.loads((tmp_path / "ts.json").read_text())["protocol"]["layers"] == [2]
+    assert_pickle_would_run(data, marker)
+
+
+def test_textspan_cli_resumes_refuses_another_run_and_starts_fresh(tiny_textspan, tmp_path, capsys, monkeypatch):
+    assert _textspan(tmp_path / "a", tmp_path / "none") == 0
+    straight = json.loads((tmp_path / "a" / "ts.json").read_text())
+    calls = []
+    real = TS._batch_parts
+
+    def dies_at_batch_1(model, x, layers):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, x, layers)
+    monkeypatch.setattr(TS, "_batch_parts", dies_at_batch_1)
+    with pytest.raises(KeyboardInterrupt):
+        _textspan(tmp_path / "b", tmp_path / "parts")
+    monkeypatch.setattr(TS, "_batch_parts", real)
+    assert _textspan(tmp_path / "b", tmp_path / "parts") == 0
+    resumed = json.loads((tmp_path / "b" / "ts.json").read_text())
+    assert resumed["accuracy"] == straight["accuracy"]
+    assert [h["texts"] for h in resumed["heads"]] == [h["texts"] for h in straight["heads"]]
+    for h, g in zip(resumed["heads"], straight["heads"]):
+        np.testing.assert_allclose(h["explained"], g["explained"], rtol=1e-9, atol=1e-12)
+    capsys.readouterr()
+    assert _textspan(tmp_path / "b", tmp_path / "parts", "--seed", "1") == 2          # other scenes, same folder
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--fresh" in err and "data.meta.data" in err
+    assert _textspan(tmp_path / "b", tmp_path / "parts", "--seed", "1", "--fresh") == 0

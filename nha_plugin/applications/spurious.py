@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -39,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..text.pools import _dedupe
+from ..vit.inputs import images_to_input, input_size
 from ..vit.textspan_heads import HeadSpan, HeadStatistics, mean_ablated_embeddings, predict
 
 __all__ = ["group_accuracies", "mentions", "place_head_scores", "select_place_heads", "random_head_sets",
-           "fit_linear_probe", "spurious_removal", "scene_description_pool", "scenes_experiment",
+           "fit_linear_probe", "spurious_removal", "scene_description_pool", "class_directions", "scenes_experiment",
            "waterbirds_experiment", "SCENE_PLACE_KEYWORDS"]
 
 Head = Tuple[int, int]
@@ -244,28 +245,11 @@ def scene_description_pool() -> List[str]:
         texts += [f"an object {S.position_phrase(pos)}"]
     for bg in S.BACKGROUNDS:
         texts += [t.format(bg) for t in S.BACKGROUND_TEMPLATES]
-    return _dedupe(texts)
+    return list(dict.fromkeys(texts))                                    # without repeats, in order
 
 
-def _scenes_tensor(images: np.ndarray, size: int, dtype, device, preprocess: Optional[Callable]) -> Tensor:
-    if preprocess is not None:
-        from PIL import Image
-        x = torch.stack([preprocess(Image.fromarray(im)) for im in images])
-    else:
-        from ..zoo._scenes_rn import images_to_tensor
-        x = images_to_tensor(images)
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x.to(device=device, dtype=dtype)
-
-
-def _image_size(model) -> int:
-    size = getattr(getattr(model, "visual", model), "image_size", 224)
-    return size[0] if isinstance(size, (tuple, list)) else int(size)
-
-
-def _class_directions(model, tokenizer, prompts: Sequence[str]) -> Tensor:
-    """(D, C) unit text embeddings of one prompt per class, float64."""
+def class_directions(model, tokenizer, prompts: Sequence[str]) -> Tensor:
+    """(D, C) unit text embeddings of one prompt per class, float64 (a zero-shot read-out's weight)."""
     from ..readout import encode_texts
     with torch.no_grad():
         return encode_texts(model, tokenizer, list(prompts)).T.double()
@@ -302,6 +286,21 @@ def _protocol_common(ts_stats, spans, pool_desc, keywords, threshold, min_relati
     }
 
 
+def _collector(model, preprocess: Optional[Callable], parts_dir, **options) -> Callable[..., HeadStatistics]:
+    """``collect(name, images, n, meta, **kw)``: :func:`~nha_plugin.vit.textspan_heads.collect_head_statistics`
+    of the uint8 images ``images(a, b)`` (b - a, S, S, 3) made the model's input, its parts (with ``parts_dir``)
+    in ``parts_dir/name``; ``options`` (batch_size, progress, fresh) and ``kw`` go to it."""
+    from ..vit.textspan_heads import collect_head_statistics
+    param, size = next(model.parameters()), input_size(model)
+
+    def collect(name: str, images: Callable, n: int, meta: dict, **kw) -> HeadStatistics:
+        def source(a, b):
+            return images_to_input(images(a, b), size, param.dtype, param.device, preprocess)
+        folder = None if parts_dir is None else Path(parts_dir) / name
+        return collect_head_statistics(model, source, n, parts_dir=folder, meta=meta, **options, **kw)
+    return collect
+
+
 def scenes_experiment(model, tokenizer, *, preprocess: Optional[Callable] = None,
                       labels: Sequence[str] = ("cat", "rocket"), backgrounds: Sequence[str] = ("grass", "brick"),
                       attribute: str = "category", train_strengths: Sequence[float] = (0.95, 1.0),
@@ -312,7 +311,7 @@ def scenes_experiment(model, tokenizer, *, preprocess: Optional[Callable] = None
                       keywords: Optional[Sequence[str]] = None, pool: Optional[Sequence[str]] = None,
                       n_random: int = 10, n_sets: int = 5, seed: int = 0, ablate_early: bool = False,
                       batch_size: int = 32, progress: bool = True, parts_dir: Optional[str] = None,
-                      cache_dir=None) -> dict:
+                      fresh: bool = False, cache_dir=None) -> dict:
     """The planted-correlation experiment on generated scenes (see the module docstring).
 
     Image sets (disjoint seeds): TextSpan on ``n_textspan`` generic scenes (every background); a biased training
@@ -321,28 +320,24 @@ def scenes_experiment(model, tokenizer, *, preprocess: Optional[Callable] = None
     ``n_test`` scenes with no correlation (strength ``1/len(labels)``).
 
     Returns a JSON-ready dict: protocol, the selected heads and every head's place score and texts, and per
-    read-out the :func:`spurious_removal` result (plus the probe's training accuracy).
+    read-out the :func:`spurious_removal` result (plus the probe's training accuracy). With ``parts_dir``, each
+    image set's head contributions are kept in a run folder below it (``textspan``, ``train_<s>``, ``test``), so a
+    killed run resumes; ``fresh`` discards them.
     """
     from ..scenes import BACKGROUNDS, SceneDataset, SpuriousSampler
     from ..text.cache import embed_texts
-    from ..vit.textspan_heads import collect_head_statistics, head_text_spans
+    from ..vit.textspan_heads import head_text_spans
 
-    param = next(model.parameters())
-    size = _image_size(model)
     keywords = list(keywords) if keywords is not None else list(BACKGROUNDS) + list(SCENE_PLACE_KEYWORDS)
     pool = list(pool) if pool is not None else scene_description_pool()
+    collect = _collector(model, preprocess, parts_dir, batch_size=batch_size, progress=progress, fresh=fresh)
 
     def source(scenes):
-        return lambda a, b: _scenes_tensor(np.stack([scenes[i].image for i in range(a, b)]), size, param.dtype,
-                                           param.device, preprocess)
-
-    def parts(name):
-        return None if parts_dir is None else f"{parts_dir}/{name}"
+        return lambda a, b: np.stack([scenes[i].image for i in range(a, b)])
 
     generic = SceneDataset(n_textspan, seed=seed + 7_000_001)
-    ts_stats = collect_head_statistics(model, source(generic), n_textspan, layers=layers, batch_size=batch_size,
-                                       progress=progress, parts_dir=parts("textspan"),
-                                       meta={"set": "generic scenes", "seed": seed + 7_000_001})
+    ts_stats = collect("textspan", source(generic), n_textspan, {"set": "generic scenes", "seed": seed + 7_000_001},
+                       layers=layers)
     emb = embed_texts(model, tokenizer, pool, None, cache_dir=cache_dir, progress=progress)
     spans = head_text_spans(ts_stats, emb, pool, m=m, rank=rank, progress=progress)
     selected = select_place_heads(spans, keywords, threshold, min_relative_variance, max_heads)
@@ -355,8 +350,7 @@ def scenes_experiment(model, tokenizer, *, preprocess: Optional[Callable] = None
         g = [sc.meta["label"] * len(backgrounds) + list(backgrounds).index(sc.background) for sc in scenes]
         meta = {"set": name, "labels": list(labels), "backgrounds": list(backgrounds), "attribute": attribute,
                 "strength": strength, "seed": s}
-        st = collect_head_statistics(model, source(scenes), n, layers=ts_stats.layers, batch_size=batch_size,
-                                     labels=y, groups=g, progress=progress, parts_dir=parts(name), meta=meta)
+        st = collect(name, source(scenes), n, meta, layers=ts_stats.layers, labels=y, groups=g)
         return st, float(sampler.aligned.mean())
 
     strengths = [float(s) for s in train_strengths]
@@ -371,10 +365,10 @@ def scenes_experiment(model, tokenizer, *, preprocess: Optional[Callable] = None
         w, b = fit_linear_probe(train.embedding, train.labels)
         readouts[f"probe@{st:g}"] = (w, b, f"logistic regression on a training set with {aligned:.3f} of the images "
                                            "aligned (label on its own background)", train)
-    zs_bg = _class_directions(model, tokenizer, [f"a photo of a {lab} on {bg}" for lab, bg in zip(labels, backgrounds)])
+    zs_bg = class_directions(model, tokenizer, [f"a photo of a {lab} on {bg}" for lab, bg in zip(labels, backgrounds)])
     readouts["zeroshot_background"] = (zs_bg, None, "prompts 'a photo of a {label} on {its background}'",
                                        trains[0][0])
-    readouts["zeroshot"] = (_class_directions(model, tokenizer, [f"a photo of a {lab}" for lab in labels]), None,
+    readouts["zeroshot"] = (class_directions(model, tokenizer, [f"a photo of a {lab}" for lab in labels]), None,
                             "prompts 'a photo of a {label}'", trains[0][0])
     results = _score_readouts(readouts, test, selected, candidates, names,
                               dict(n_random=n_random, n_sets=n_sets, seed=seed, ablate_early=ablate_early))
@@ -401,40 +395,34 @@ def waterbirds_experiment(model, tokenizer, root: str, *, preprocess: Optional[C
                           templates: Sequence[str] = ("a photo of a {}.",),
                           n_random: int = 10, n_sets: int = 5, seed: int = 0, ablate_early: bool = False,
                           batch_size: int = 32, progress: bool = True, parts_dir: Optional[str] = None,
-                          cache_dir=None) -> dict:
+                          fresh: bool = False, cache_dir=None) -> dict:
     """Waterbirds: TextSpan on a seeded subset of ``n_textspan`` training images (whose head means are also the
     ablation values), place heads by keyword, zero-shot read-out ("a photo of a landbird." / "waterbird."), and
     worst-group accuracy over the 4 (bird x place) groups of the test split (``n_test`` seeded subset; all by
-    default)."""
+    default). ``parts_dir`` / ``fresh``: as :func:`scenes_experiment` (run folders ``train`` and ``test``)."""
     from ..datasets.waterbirds import CLASS_NAMES, GROUP_NAMES, PLACE_KEYWORDS, WaterbirdsDataset
     from ..text.cache import embed_texts
-    from ..vit.textspan_heads import collect_head_statistics, head_text_spans
+    from ..vit.textspan_heads import head_text_spans
 
     if not pool:
         raise ValueError("give a text pool (e.g. text.get_pool('words')) for the Waterbirds TextSpan")
-    param = next(model.parameters())
-    size = _image_size(model)
+    side = input_size(model)[0]
     keywords = list(keywords) if keywords is not None else list(PLACE_KEYWORDS)
-    train_ds, test_ds = WaterbirdsDataset(root, "train", size=size), WaterbirdsDataset(root, "test", size=size)
+    train_ds, test_ds = WaterbirdsDataset(root, "train", size=side), WaterbirdsDataset(root, "test", size=side)
     rng = np.random.default_rng(seed)
     ts_idx = np.sort(rng.permutation(len(train_ds))[:n_textspan])
     test_idx = np.arange(len(test_ds)) if n_test is None else np.sort(rng.permutation(len(test_ds))[:n_test])
+    collect = _collector(model, preprocess, parts_dir, batch_size=batch_size, progress=progress, fresh=fresh)
 
     def source(ds, idx):
-        return lambda a, b: _scenes_tensor(ds.images(idx[a:b]), size, param.dtype, param.device, preprocess)
+        return lambda a, b: ds.images(idx[a:b])
 
-    def parts(name):
-        return None if parts_dir is None else f"{parts_dir}/{name}"
-
-    train = collect_head_statistics(model, source(train_ds, ts_idx), len(ts_idx), layers=layers, batch_size=batch_size,
-                                    labels=train_ds.labels[ts_idx], groups=train_ds.groups[ts_idx],
-                                    progress=progress, parts_dir=parts("train"),
-                                    meta={"set": "waterbirds train", "root": str(root), "seed": seed})
-    test = collect_head_statistics(model, source(test_ds, test_idx), len(test_idx), layers=train.layers,
-                                   batch_size=batch_size, labels=test_ds.labels[test_idx],
-                                   groups=test_ds.groups[test_idx], progress=progress, parts_dir=parts("test"),
-                                   meta={"set": "waterbirds test", "root": str(root), "seed": seed,
-                                         "n_test": n_test})
+    train = collect("train", source(train_ds, ts_idx), len(ts_idx),
+                    {"set": "waterbirds train", "root": str(root), "seed": seed}, layers=layers,
+                    labels=train_ds.labels[ts_idx], groups=train_ds.groups[ts_idx])
+    test = collect("test", source(test_ds, test_idx), len(test_idx),
+                   {"set": "waterbirds test", "root": str(root), "seed": seed, "n_test": n_test},
+                   layers=train.layers, labels=test_ds.labels[test_idx], groups=test_ds.groups[test_idx])
     emb = embed_texts(model, tokenizer, list(pool), None, cache_dir=cache_dir, progress=progress)
     spans = head_text_spans(train, emb, list(pool), m=m, rank=rank, progress=progress)
     selected = select_place_heads(spans, keywords, threshold, min_relative_variance, max_heads)

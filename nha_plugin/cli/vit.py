@@ -5,19 +5,20 @@
     nha spurious --model scenes-vit --out spurious_scenes.json             # planted label<->background scenes
     nha spurious --model ViT-L-14 --pretrained openai --dataset waterbirds --path WB --pool FILE --out wb.json
 
-Each writes a JSON file (atomically), a Markdown summary and a PNG next to it. ``--parts DIR`` keeps each
-batch's head contributions so a killed run resumes. Wire into ``nha`` with :func:`add_parser` (adds both
-sub-commands) and dispatch with :func:`run`; :func:`main` runs them stand-alone.
+Each writes a JSON file, a Markdown summary and a PNG next to it (atomically). ``--parts DIR`` keeps each
+batch's head contributions in run folders keyed on the settings, the images and the weights, so a killed run
+resumes; parts of another run are refused (one line, exit 2) and ``--fresh`` discards them. Wire into ``nha``
+with :func:`add_parser` (adds both sub-commands) and dispatch with :func:`run`; :func:`main` runs them stand-alone.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from .. import files, runs
 from .common import standalone_main
 
 __all__ = ["add_parser", "run", "main", "textspan_report", "default_pool"]
@@ -50,6 +51,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="data seed (and the random-head baseline's)")
     p.add_argument("--parts", default=None, help="folder for per-batch results, so a killed run resumes")
+    p.add_argument("--fresh", action="store_true", help="discard the per-batch results of an earlier run in --parts")
     p.add_argument("--cache-dir", default=None, help="text-embedding cache (default $NHA_CACHE_DIR)")
     p.add_argument("--out", required=True, help="output JSON; a .md summary and a .png go next to it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -107,34 +109,22 @@ def default_pool(model_name: str, pool: Optional[str]):
     return texts, f"{spec}: {len(texts)} texts (no templates)"
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _fingerprint(module) -> str:
-    from ..vit.textspan_heads import _fingerprint as fp
-    return fp(module)
-
-
 def _stamp_protocol(res: dict, args: argparse.Namespace, model) -> None:
-    """Record in ``res["protocol"]`` the model, the parsed arguments and the image tower's weights hash."""
+    """Record in ``res["protocol"]`` the model, the parsed arguments and the image tower's weights fingerprint
+    (:func:`nha_plugin.runs.module_fingerprint`)."""
     res["protocol"].update(model=args.model, pretrained=args.pretrained, precision=args.precision,
                            arguments={k: v for k, v in vars(args).items() if k != "func"},
-                           image_tower_sha1=_fingerprint(getattr(model, "visual", model)))
+                           image_tower_sha256=runs.module_fingerprint(getattr(model, "visual", model)))
 
 
 def _finish_plot(fig, ax, title: str, path: Path) -> None:
-    """Title and legend, then write the PNG atomically (a temporary file, then ``os.replace``) and close it."""
+    """Title and legend, then write the PNG atomically (:func:`nha_plugin.files.save_figure`) and close it."""
     import matplotlib.pyplot as plt
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    files.save_figure(path, fig, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _load(args):
@@ -151,22 +141,25 @@ def _load(args):
 def textspan_report(model, tokenizer, *, preprocess=None, dataset: str = "scenes", path: Optional[str] = None,
                     split: str = "val", n: int = 400, layers=4, m: int = 20, rank: int = 80,
                     ms: Sequence[int] = (1, 2, 4, 8, 16, 20), pool: Sequence[str] = (), pool_desc: str = "",
-                    seed: int = 0, batch_size: int = 32, parts_dir: Optional[str] = None, cache_dir=None,
-                    progress: bool = True) -> dict:
+                    seed: int = 0, batch_size: int = 32, parts_dir: Optional[str] = None, fresh: bool = False,
+                    cache_dir=None, progress: bool = True) -> dict:
     """TextSpan of the last ``layers`` layers' heads over ``n`` images and the reconstruction accuracies.
 
     Scenes: generated scenes (seed ``seed + 8_000_001``), label = class of the largest object, zero-shot read-out
     over the 10 shape/category names ("a photo of a {}."). Waterbirds: a seeded subset of ``split``, label =
-    bird type, read-out "a photo of a landbird." / "a photo of a waterbird.".
+    bird type, read-out "a photo of a landbird." / "a photo of a waterbird.". ``parts_dir``: a run folder
+    for the head contributions (see :func:`~nha_plugin.vit.textspan_heads.collect_head_statistics`), ``fresh``
+    discards the one there.
     """
     import numpy as np
 
+    from ..applications.spurious import class_directions
     from ..text.cache import embed_texts
+    from ..vit.inputs import images_to_input, input_size
     from ..vit.textspan_heads import collect_head_statistics, head_text_spans, reconstruction_report
-    from ..applications.spurious import _class_directions, _image_size, _scenes_tensor
 
     param = next(model.parameters())
-    size = _image_size(model)
+    size = input_size(model)
     if dataset == "scenes":
         from ..scenes import CATEGORIES, SHAPES, SceneDataset
         classes = list(SHAPES) + list(CATEGORIES)
@@ -174,28 +167,28 @@ def textspan_report(model, tokenizer, *, preprocess=None, dataset: str = "scenes
         labels = [classes.index(max(scenes[i].objects, key=lambda o: int(o.mask.sum())).name) for i in range(n)]
 
         def source(a, b):
-            return _scenes_tensor(np.stack([scenes[i].image for i in range(a, b)]), size, param.dtype, param.device,
-                                  preprocess)
+            return images_to_input(np.stack([scenes[i].image for i in range(a, b)]), size, param.dtype,
+                                   param.device, preprocess)
         data_desc = f"{n} generated scenes (seed {seed + 8_000_001}); label = class of the largest object"
     elif dataset == "waterbirds":
         from ..datasets.waterbirds import CLASS_NAMES, WaterbirdsDataset
         if not path:
             raise ValueError("--dataset waterbirds needs --path to the Waterbirds folder (holding metadata.csv)")
-        ds = WaterbirdsDataset(path, split, size=size)
+        ds = WaterbirdsDataset(path, split, size=size[0])
         idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n])
         classes, labels, n = list(CLASS_NAMES), ds.labels[idx].tolist(), len(idx)
 
         def source(a, b):
-            return _scenes_tensor(ds.images(idx[a:b]), size, param.dtype, param.device, preprocess)
+            return images_to_input(ds.images(idx[a:b]), size, param.dtype, param.device, preprocess)
         data_desc = f"Waterbirds {path} split {split}: {n} images (seeded subset, seed {seed}); label = bird type"
     else:
         raise ValueError(f"unknown dataset {dataset!r}; expected scenes or waterbirds")
     stats = collect_head_statistics(model, source, n, layers=layers, batch_size=batch_size, labels=labels,
-                                    parts_dir=parts_dir, progress=progress,
+                                    parts_dir=parts_dir, fresh=fresh, progress=progress,
                                     meta={"data": data_desc, "path": str(path), "split": split})
     emb = embed_texts(model, tokenizer, list(pool), None, cache_dir=cache_dir, progress=progress)
     spans = head_text_spans(stats, emb, list(pool), m=m, rank=rank, progress=progress)
-    w = _class_directions(model, tokenizer, [f"a photo of a {c}." for c in classes])
+    w = class_directions(model, tokenizer, [f"a photo of a {c}." for c in classes])
     acc = reconstruction_report(stats, spans, w, stats.labels, ms=ms)
     heads = [s.to_json() for s in spans]
     for h in heads:
@@ -250,7 +243,7 @@ def _run_textspan(args) -> int:
     res = textspan_report(model, tokenizer, preprocess=preprocess, dataset=args.dataset, path=args.path,
                           split=args.split, n=args.n, layers=args.layers, m=args.m, rank=args.rank, ms=args.ms,
                           pool=pool, pool_desc=desc, seed=args.seed, batch_size=args.batch_size, parts_dir=args.parts,
-                          cache_dir=args.cache_dir, progress=not args.quiet)
+                          fresh=args.fresh, cache_dir=args.cache_dir, progress=not args.quiet)
     _stamp_protocol(res, args, model)
     title = f"TextSpan on {args.model} heads"
     _write(args.out, res, _textspan_markdown(res, title), lambda p: _textspan_plot(res, p, title))
@@ -309,7 +302,8 @@ def _run_spurious(args) -> int:
     common = dict(preprocess=preprocess, layers=args.layers, m=args.m, rank=args.rank, threshold=args.threshold,
                   min_relative_variance=args.min_relative_variance, max_heads=args.max_heads, keywords=args.keywords,
                   n_random=args.n_random, n_sets=args.n_sets, seed=args.seed, ablate_early=args.ablate_early,
-                  batch_size=args.batch_size, progress=not args.quiet, parts_dir=args.parts, cache_dir=args.cache_dir)
+                  batch_size=args.batch_size, progress=not args.quiet, parts_dir=args.parts, fresh=args.fresh,
+                  cache_dir=args.cache_dir)
     if args.dataset == "scenes":
         pool = None
         if args.pool is not None or not args.model.startswith("scenes-"):
@@ -336,20 +330,24 @@ def _run_spurious(args) -> int:
 
 
 def _write(out: str, res: dict, md: str, plot) -> None:
+    """The result as JSON at ``out``, ``md`` next to it (``.md``) and ``plot(path)``'s PNG (``.png``)."""
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_text(path, json.dumps(res, indent=1))
-    _atomic_text(path.with_suffix(".md"), md)
+    files.write_json(path, res, indent=1)
+    files.write_text(path.with_suffix(".md"), md)
     plot(path.with_suffix(".png"))
 
 
 def run(args: argparse.Namespace) -> int:
-    """Execute a parsed ``textspan`` or ``spurious`` command."""
-    if args.command == "textspan":
-        return _run_textspan(args)
-    if args.command == "spurious":
-        return _run_spurious(args)
-    raise SystemExit(f"unknown command {args.command!r}; expected textspan or spurious")
+    """Execute a parsed ``textspan`` or ``spurious`` command. Parts in ``--parts`` of another run, or damaged
+    ones, are reported in one line (exit status 2)."""
+    commands = {"textspan": _run_textspan, "spurious": _run_spurious}
+    if args.command not in commands:
+        raise SystemExit(f"unknown command {args.command!r}; expected textspan or spurious")
+    try:
+        return commands[args.command](args)
+    except (runs.RunMismatchError, files.CorruptFileError) as err:
+        print(f"nha {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

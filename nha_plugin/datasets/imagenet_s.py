@@ -57,6 +57,7 @@ class ImageNetSegmentation:
         try:
             self.img_refs, self.gt_refs = self.file["value/img"], self.file["value/gt"]
         except KeyError as err:
+            self.file.close()
             raise ValueError(f"{path} has no value/img and value/gt datasets; expected ImageNet-Segmentation's "
                              "gtsegs_ijcv.mat (MATLAB v7.3)") from err
         self.size, self.legacy = int(size), bool(legacy)
@@ -65,9 +66,11 @@ class ImageNetSegmentation:
         return len(self.img_refs)
 
     def raw(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
-        """The stored image (H, W, 3) uint8 and mask (H, W) bool, untransformed."""
-        img = np.array(self.file[self.img_refs[i, 0]]).transpose(2, 1, 0)
+        """The stored image (H, W, 3) uint8 (a grey one, stored (W, H), repeated over 3 channels) and mask (H, W)
+        bool, untransformed."""
+        img = np.array(self.file[self.img_refs[i, 0]])
         gt = np.array(self.file[self.gt_refs[i, 0]]).transpose(1, 0)
+        img = img.T if img.ndim == 2 else img.transpose(2, 1, 0)
         if img.ndim == 2:
             img = np.stack([img] * 3, -1)
         return img.astype(np.uint8), gt > 0
@@ -88,13 +91,15 @@ class ImageNetSegmentation:
         self.file.close()
 
 
-def load_imagenet_segmentation(path: str, n: Optional[int] = None, size: int = 224,
-                               legacy: bool = False) -> Tuple[np.ndarray, np.ndarray]:
-    """The first ``n`` (all by default) images (N, size, size, 3) uint8 and masks (N, size, size) bool."""
+def load_imagenet_segmentation(path: str, n: Optional[int] = None, size: int = 224, legacy: bool = False,
+                               progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` (all by default) images (N, size, size, 3) uint8 and masks (N, size, size) bool
+    (``progress``: a tqdm bar; see :class:`ImageNetSegmentation` for the geometry)."""
+    from tqdm.auto import tqdm
     ds = ImageNetSegmentation(path, size=size, legacy=legacy)
     try:
         count = len(ds) if n is None else min(n, len(ds))
-        pairs = [ds[i] for i in range(count)]
+        pairs = [ds[i] for i in tqdm(range(count), desc="ImageNet-Segmentation", unit="image", disable=not progress)]
     finally:
         ds.close()
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

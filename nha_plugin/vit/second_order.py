@@ -32,8 +32,6 @@ Functions:
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -41,11 +39,15 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .. import files, runs
+
 __all__ = ["second_order_directions", "second_order_coefficients", "second_order_effects", "second_order_total",
            "SecondOrderStats", "collect_second_order", "ablated_embeddings", "neuron_maps", "head_labels",
            "ABLATIONS"]
 
 ABLATIONS = ("none", "mean", "significant", "pc1")
+CHECKPOINT_VERSION = 2     # 1: torch.save, fingerprint of the directions; 2: state files keyed with runs.run_key
+_STATS, _CHECKPOINT = "nha-second-order-stats", "nha-second-order-checkpoint"
 
 
 # ---- the linear path --------------------------------------------------------------------------------------
@@ -265,21 +267,32 @@ class SecondOrderStats:
     def from_state(cls, state: dict) -> "SecondOrderStats":
         return cls(**state)
 
-    def save(self, path: Union[str, Path]) -> None:
-        """torch.save to ``path`` atomically (temporary file, then ``os.replace``)."""
-        _atomic_save(self.state(), Path(path))
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write :meth:`state` to a state file (:func:`nha_plugin.files.save_state`: safetensors, atomic,
+        checksummed). Returns the path (``.safetensors`` by convention)."""
+        return files.save_state(path, {"format": _STATS, "version": 1, "state": self.state()})
 
     @classmethod
     def load(cls, path: Union[str, Path], layer: Optional[int] = None) -> "SecondOrderStats":
-        """Read :meth:`save`'s file or a :func:`collect_second_order` checkpoint (``layer`` picks one of its
-        layers; needed when it holds several)."""
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if "stats" not in blob:
-            return cls.from_state(blob)
-        if blob.get("phase") != "done":
-            raise ValueError(f"{path} is an unfinished collection (phase {blob.get('phase')!r}); rerun "
+        """Read :meth:`save`'s file or a finished :func:`collect_second_order` checkpoint (``layer`` picks one of
+        its layers; needed when it holds several). Nothing is unpickled.
+
+        Raises:
+            FileNotFoundError: no such file.
+            files.CorruptFileError: neither kind of file (e.g. an old ``torch.save`` file), or damaged.
+            ValueError: an unfinished checkpoint, or ``layer`` missing / not in it.
+        """
+        tree = files.load_state(path)
+        kind = tree.get("format") if isinstance(tree, dict) else None
+        if kind == _STATS and tree.get("version") == 1:
+            return cls.from_state(tree["state"])
+        if kind != _CHECKPOINT:
+            raise files.CorruptFileError(path, "no second-order statistics in it",
+                                         "a file of SecondOrderStats.save or a collect_second_order checkpoint")
+        if tree["phase"] != "done":
+            raise ValueError(f"{path} is an unfinished collection (phase {tree['phase']!r}); rerun "
                              "collect_second_order with the same settings to finish it")
-        states = blob["stats"]
+        states = tree["stats"]
         if layer is None:
             if len(states) != 1:
                 raise ValueError(f"{path} holds layers {sorted(states)}; pass layer=")
@@ -296,21 +309,6 @@ def _gram(directions: Tensor) -> Tensor:
 def _centred_norms(c: Tensor, mean: Tensor, gram: Tensor) -> Tensor:
     x = c - mean
     return torch.einsum("bmk,mkl,bml->bm", x, gram, x).clamp_min(0).sqrt()
-
-
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _fingerprint(directions: Sequence[Tensor], layers: Sequence[int], k: int, n_images: int, batch_size: int,
-                 extra: str) -> str:
-    h = hashlib.sha256(f"{list(layers)}:{k}:{n_images}:{batch_size}:{extra}".encode())
-    for U in directions:
-        h.update(U.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
 
 
 def _empty_stats(spec, layer: int, k: int, M: int, K: int) -> SecondOrderStats:
@@ -333,9 +331,34 @@ def _merge_top(stats: SecondOrderStats, c: Tensor, gram: Tensor, start: int) -> 
     stats.top_index = all_index.gather(1, best)
 
 
+def _open_checkpoint(path: Union[str, Path, None], key: dict, fresh: bool) -> Optional[dict]:
+    """The checkpoint at ``path`` to resume from, or None to start over (no path, no file, or ``fresh``)."""
+    if path is None or fresh or not Path(path).exists():
+        return None
+    tree = files.load_state(path)
+    if not (isinstance(tree, dict) and tree.get("format") == _CHECKPOINT):
+        raise files.CorruptFileError(path, "not a collect_second_order checkpoint", "a checkpoint of "
+                                     "collect_second_order (pass fresh=True / --fresh to overwrite it)")
+    runs.check_key(tree["key"], key, path)
+    return tree
+
+
+def _checked(images: Tensor, seen: list, i: int, s: int, path) -> Tensor:
+    """``images`` (batch ``i``, from image ``s``) once their fingerprint equals the one pass 1 stored (or is stored)."""
+    fingerprint = runs.images_fingerprint(images)
+    if i == len(seen):
+        seen.append(fingerprint)
+    elif seen[i] != fingerprint:
+        raise runs.RunMismatchError(
+            f"{path}: images {s}..{s + len(images) - 1} differ from the ones its statistics were computed on, with "
+            "the same run key (settings, dataset_id, weights): the image source changed or is not deterministic. "
+            "Pass --fresh (CLI) / fresh=True (API) to start over, or use another path.")
+    return images
+
+
 def collect_second_order(spec, layer: Union[int, Sequence[int]], images: Callable[[int, int], Tensor],
                          n_images: int, *, batch_size: int = 64, k: int = 100, path: Union[str, Path, None] = None,
-                         save_every: int = 1, progress: bool = True, dataset_id: str = ""):
+                         fresh: bool = False, save_every: int = 1, progress: bool = True, dataset_id: str = ""):
     """Stream second-order statistics of one or several layers over a dataset: mean, covariance, top-k norms.
 
     Two passes over the images, because the top-k images are ranked by the norm of the *centred* effect and
@@ -352,14 +375,22 @@ def collect_second_order(spec, layer: Union[int, Sequence[int]], images: Callabl
         n_images: dataset size.
         batch_size: images per call.
         k: top images kept per neuron (the paper: 100; needs k <= n_images).
-        path: checkpoint file (torch.save, atomic); an interrupted run resumes there. The final statistics
-            are saved there too. A checkpoint from other settings or weights is ignored and overwritten.
+        path: checkpoint file (a :func:`~nha_plugin.files.save_state` file, ``.safetensors`` by convention);
+            an interrupted run resumes there and the final statistics are saved there too. Its run key holds
+            the layers, ``k``, ``n_images``, ``batch_size``, the dtype, ``dataset_id`` and the weights'
+            fingerprint (``spec.module``); pass 1 stores each batch's image fingerprint and every later call
+            of ``images`` is checked against it.
+        fresh: ignore and overwrite the checkpoint at ``path``.
         save_every: batches between checkpoints.
         progress: tqdm bar.
-        dataset_id: a string naming the images, part of the checkpoint fingerprint (required with ``path``).
+        dataset_id: a string naming the images, part of the run key (required with ``path``).
 
     Returns:
         :class:`SecondOrderStats` for an int ``layer``; a dict layer -> SecondOrderStats for a sequence.
+
+    Raises:
+        runs.RunMismatchError: the checkpoint at ``path`` is of other settings, images or weights.
+        files.CorruptFileError: the file at ``path`` is damaged or not a checkpoint (names it).
     """
     from tqdm.auto import tqdm
 
@@ -371,30 +402,26 @@ def collect_second_order(spec, layer: Union[int, Sequence[int]], images: Callabl
         raise ValueError(f"give distinct layers; got {layer}")
     if not 1 <= k <= n_images:
         raise ValueError(f"k must be between 1 and n_images ({n_images}); got {k}")
+    if path is not None and not (dataset_id and spec.module is not None):
+        raise ValueError("a checkpoint path needs dataset_id (a string naming the images: dataset, seed, ...) and "
+                         "spec.module (vit_spec(model) sets it): the resume key names the images and the weights")
     Us = [second_order_directions(spec, lay).to(torch.float64) for lay in layers]
     grams = [_gram(U) for U in Us]
-    if path is not None and not dataset_id:
-        raise ValueError("a checkpoint path needs dataset_id (a string naming the images: dataset, seed, ...): it is "
-                         "part of the resume key that keeps statistics of other images from being reused")
-    fp = _fingerprint(Us, layers, k, n_images, batch_size, dataset_id)
-    ck = None
-    if path is not None and Path(path).is_file():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            ck = blob if blob.get("fingerprint") == fp else None
-        except Exception:   # a truncated or foreign file is recomputed, never trusted
-            ck = None
+    key = None if path is None else runs.run_key(
+        {"layers": layers, "k": k, "n_images": n_images, "batch_size": batch_size, "dtype": str(spec.dtype)},
+        data={"dataset_id": dataset_id}, weights=runs.module_fingerprint(spec.module), version=CHECKPOINT_VERSION)
+    ck = _open_checkpoint(path, key, fresh)
     if ck is not None:
         stats = {lay: SecondOrderStats.from_state(ck["stats"][lay]) for lay in layers}
-        phase, start = ck["phase"], ck["start"]
+        phase, start, seen = ck["phase"], ck["start"], list(ck["images"])
     else:
         stats = {lay: _empty_stats(spec, lay, k, U.shape[0], U.shape[1]) for lay, U in zip(layers, Us)}
-        phase, start = "mean", 0
+        phase, start, seen = "mean", 0, []
 
     def checkpoint(ph, st):
         if path is not None:
-            _atomic_save({"fingerprint": fp, "phase": ph, "start": st,
-                          "stats": {lay: v.state() for lay, v in stats.items()}}, Path(path))
+            files.save_state(path, {"format": _CHECKPOINT, "key": key, "phase": ph, "start": st, "images": seen,
+                                    "stats": {lay: v.state() for lay, v in stats.items()}})
 
     starts = list(range(0, n_images, batch_size))
     if phase != "done":
@@ -406,8 +433,9 @@ def collect_second_order(spec, layer: Union[int, Sequence[int]], images: Callabl
                 if s < start:
                     continue
                 e = min(n_images, s + batch_size)
+                x = images(s, e) if path is None else _checked(images(s, e), seen, i, s, path)
                 with torch.no_grad():
-                    tr = vit_trace(spec, images(s, e))
+                    tr = vit_trace(spec, x)
                     for lay, g in zip(layers, grams):
                         c = second_order_coefficients(tr, lay).to("cpu", torch.float64)
                         if ph == "mean":

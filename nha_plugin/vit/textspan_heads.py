@@ -21,16 +21,14 @@ head outputs, as in the paper.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .. import files, runs
 from ..text.textspan import text_span
 
 __all__ = ["HeadStatistics", "HeadSpan", "collect_head_statistics", "resolve_layers", "head_text_spans",
@@ -38,6 +36,8 @@ __all__ = ["HeadStatistics", "HeadSpan", "collect_head_statistics", "resolve_lay
            "reconstruction_report", "spans_to_json"]
 
 ImagesSource = Union[Tensor, Callable[[int, int], Tensor]]
+PARTS_VERSION = 2          # 1: torch.save parts keyed on meta; 2: safetensors parts, keyed on the images
+_STATS_FORMAT = "nha-head-statistics"
 
 
 @dataclass
@@ -84,17 +84,25 @@ class HeadStatistics:
             raise ValueError(f"head {head} out of range: the model has {self.num_heads} heads per layer")
         return self.layers.index(layer)
 
-    def save(self, path: Union[str, Path]) -> None:
-        """Write to a torch file atomically (temporary file + ``os.replace``)."""
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save({k: getattr(self, k) for k in ("layers", "num_layers", "contributions", "layer_heads", "embedding",
-                                                  "head_means", "labels", "groups", "meta")}, tmp)
-        os.replace(tmp, path)
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write to a state file (:func:`nha_plugin.files.save_state`: safetensors, atomic, checksummed; ``meta``
+        must be JSON-able or numpy). Returns the path (``.safetensors`` by convention)."""
+        return files.save_state(path, {"format": _STATS_FORMAT, "version": 1,
+                                       **{f.name: getattr(self, f.name) for f in fields(self)}})
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "HeadStatistics":
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+        """Read :meth:`save`'s file (nothing is unpickled).
+
+        Raises:
+            FileNotFoundError: no such file.
+            files.CorruptFileError: not a file of :meth:`save` (e.g. an old ``torch.save`` file), or damaged.
+        """
+        tree = files.load_state(path)
+        tag = (tree.pop("format", None), tree.pop("version", None)) if isinstance(tree, dict) else None
+        if tag != (_STATS_FORMAT, 1):
+            raise files.CorruptFileError(path, "no head statistics in it", "a file of HeadStatistics.save")
+        return cls(**tree)
 
 
 @dataclass
@@ -150,14 +158,6 @@ def resolve_layers(num_layers: int, layers: Union[None, int, Sequence[int]] = No
     return sorted(set(out))
 
 
-def _fingerprint(model: nn.Module) -> str:
-    h = hashlib.sha1()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _batch_parts(model: nn.Module, images: Tensor, layers: List[int]) -> dict:
     from .. import vit
     c = vit.decompose(model, images, token_layers=None)
@@ -166,11 +166,38 @@ def _batch_parts(model: nn.Module, images: Tensor, layers: List[int]) -> dict:
             "embedding": c.embedding.detach().cpu(), "head_sum": heads.sum(dim=0).cpu()}
 
 
+def _parts_run(visual: nn.Module, images: ImagesSource, total: int, batch_size: int, layers: List[int],
+               parts_dir: Union[str, Path], meta: Optional[dict], fresh: bool) -> runs.RunDir:
+    """The run folder of :func:`collect_head_statistics`: keyed on the settings, the images and the weights."""
+    if not meta and not isinstance(images, Tensor):
+        raise ValueError("parts_dir needs meta (a description of the images: dataset, seed, ...) when images is "
+                         "a function: it names the images in the run key (each batch's fingerprint is checked too)")
+    dtype = next(visual.parameters()).dtype
+    # a function's images are only known batch by batch: each part stores its batch's fingerprint instead
+    data = {"meta": meta or None,
+            "images": runs.images_fingerprint(images) if isinstance(images, Tensor) else "checked per part"}
+    key = runs.run_key({"n": total, "batch_size": batch_size, "layers": layers, "dtype": str(dtype)}, data=data,
+                       weights=runs.module_fingerprint(visual), version=PARTS_VERSION)
+    return runs.RunDir(parts_dir, key, fresh=fresh)
+
+
+def _resumed_part(run: runs.RunDir, name: str, images: Tensor, start: int) -> Tuple[Optional[dict], str]:
+    """(the saved part or None, the fingerprint of ``images``); refuses a part computed on other images."""
+    fingerprint = runs.images_fingerprint(images)
+    part = run.load_part(name)
+    if part is not None and part.get("images") != fingerprint:
+        raise runs.RunMismatchError(
+            f"{run.path}: part {name} was computed on other images than images {start}..{start + len(images) - 1} "
+            f"given now, although the run key (settings, meta, weights) is the same: the image source changed. "
+            "Pass --fresh (CLI) / fresh=True (API) to discard the parts, or use another parts folder.")
+    return part, fingerprint
+
+
 @torch.no_grad()
 def collect_head_statistics(model: nn.Module, images: ImagesSource, n: Optional[int] = None, *,
                             layers: Union[None, int, Sequence[int]] = None, batch_size: int = 32,
                             labels: Optional[Sequence[int]] = None, groups: Optional[Sequence[int]] = None,
-                            parts_dir: Union[str, Path, None] = None, progress: bool = True,
+                            parts_dir: Union[str, Path, None] = None, fresh: bool = False, progress: bool = True,
                             meta: Optional[dict] = None) -> HeadStatistics:
     """Decompose K images with :func:`nha_plugin.vit.decompose` and keep what TextSpan and ablations need.
 
@@ -182,14 +209,22 @@ def collect_head_statistics(model: nn.Module, images: ImagesSource, n: Optional[
         layers: analysed layers (see :func:`resolve_layers`; default the last min(4, L)).
         batch_size: images per decomposition.
         labels, groups: optional per-image ints stored with the statistics.
-        parts_dir: save each batch's result here (atomically) and reuse it on a rerun, so a killed run
-            resumes; a folder from other settings, weights or ``meta`` is refused.
+        parts_dir: a :class:`~nha_plugin.runs.RunDir` holding each batch's result (``part_XXXXX``, safetensors)
+            so a killed run resumes. Its key: ``n``, ``batch_size``, the layers, the dtype, ``meta``, the
+            fingerprint of the images (of a tensor; a function's batches are fingerprinted as they are
+            produced and checked against the one stored in each part) and of the weights. Another key raises
+            :class:`~nha_plugin.runs.RunMismatchError`, so parts of other images are never mixed in.
+        fresh: discard the parts of an earlier run in ``parts_dir``.
         meta: JSON-able description of the images (dataset, seed, ...): stored with the statistics and part of
-            the resume key, so parts of other images are never mixed in.
+            the run key (required with ``parts_dir`` when ``images`` is a function).
         progress: tqdm bar.
 
     Returns:
         :class:`HeadStatistics` on the CPU, in the model's dtype.
+
+    Raises:
+        runs.RunMismatchError: ``parts_dir`` holds a run of other settings, images or weights.
+        files.CorruptFileError: a part or ``run.json`` there is damaged (names the file).
     """
     from tqdm.auto import tqdm
     if isinstance(images, Tensor):
@@ -204,35 +239,18 @@ def collect_head_statistics(model: nn.Module, images: ImagesSource, n: Optional[
     visual = getattr(model, "visual", model)
     num_layers = len(visual.transformer.resblocks)
     layers = resolve_layers(num_layers, layers)
-    starts = list(range(0, total, batch_size))
-    parts_path = Path(parts_dir) if parts_dir is not None else None
-    if parts_path is not None:
-        if not meta and not isinstance(images, Tensor):
-            raise ValueError("parts_dir needs meta (a description of the images: dataset, seed, ...) when images is "
-                             "a function: it is the resume key that keeps parts of other images out")
-        parts_path.mkdir(parents=True, exist_ok=True)
-        data = meta or {"images_sha256": hashlib.sha256(images.detach().cpu().double().numpy().tobytes()).hexdigest()}
-        key = {"n": total, "batch_size": batch_size, "layers": layers, "weights": _fingerprint(visual),
-               "meta": data}
-        key_file = parts_path / "key.json"
-        if key_file.exists() and json.loads(key_file.read_text()) != json.loads(json.dumps(key)):
-            raise ValueError(f"{parts_path} holds parts of another run ({key_file.read_text()[:200]}...); "
-                             "use another folder or delete it")
-        tmp = key_file.with_name(f"key.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(key))
-        os.replace(tmp, key_file)
+    run = None if parts_dir is None else _parts_run(visual, images, total, batch_size, layers, parts_dir, meta, fresh)
     parts = []
-    for i, a in enumerate(tqdm(starts, desc="head contributions", unit="batch", disable=not progress)):
-        b = min(total, a + batch_size)
-        path = parts_path / f"part_{i:05d}.pt" if parts_path is not None else None
-        if path is not None and path.exists():
-            parts.append(torch.load(path, map_location="cpu", weights_only=True))
+    for i, a in enumerate(tqdm(range(0, total, batch_size), desc="head contributions", unit="batch",
+                               disable=not progress)):
+        x = source(a, min(total, a + batch_size))
+        if run is None:
+            parts.append(_batch_parts(model, x, layers))
             continue
-        part = _batch_parts(model, source(a, b), layers)
-        if path is not None:
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            torch.save(part, tmp)
-            os.replace(tmp, path)
+        part, fingerprint = _resumed_part(run, f"part_{i:05d}", x, a)
+        if part is None:
+            part = {**_batch_parts(model, x, layers), "images": fingerprint}
+            run.save_part(f"part_{i:05d}", part)
         parts.append(part)
     head_sum = torch.stack([p["head_sum"] for p in parts]).sum(dim=0)
     as_long = lambda v: None if v is None else torch.as_tensor(list(v), dtype=torch.long)   # noqa: E731
