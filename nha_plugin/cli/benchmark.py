@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = run_benchmark(cfg)
     except (RunMismatchError, CorruptFileError) as err:
-        print(f"nha benchmark: error: {' '.join(str(err).split())}", file=sys.stderr)
+        first, *rest = [line.strip() for line in str(err).splitlines() if line.strip()]
+        print(f"nha benchmark: error: {first} {'; '.join(rest)}".rstrip(), file=sys.stderr)
         return 2
     if cfg.quiet:                                   # the runner prints the table only with progress output on
         from ..harness.report import table
