@@ -8,18 +8,18 @@ every registered method, every metric), then publishes ``results.json`` / ``resu
     python benchmarks/harness_benchmark.py --quick              # 3 images, fewer steps (~2 min)
     python benchmarks/harness_benchmark.py --out /tmp/bench     # working folder (records; resumable)
 
-Same options as ``nha benchmark``; a killed run resumes from ``--out``.
+Same options as ``nha benchmark``; a killed run resumes from ``--out`` (``--fresh`` discards an earlier run).
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from nha_plugin.cli import benchmark as cli
+from nha_plugin.files import write_bytes, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,21 +33,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     cfg = cli.config_from_args(args)
-    from nha_plugin.harness.runner import run_benchmark
-    run_benchmark(cfg)
+    status = cli.run(args)
+    if status:
+        return status
     wall = time.perf_counter() - start
     print(f"\nwall time {wall:.0f} s ({cfg.n} images, {len(cfg.methods)} methods)")
     if args.publish:
         out = Path(cfg.out)
-        RESULTS.mkdir(exist_ok=True)
-        suffix = "_quick" if args.quick else ""
-        shutil.copy(out / "results.json", RESULTS / f"{args.publish}{suffix}.json")
+        name = args.publish + ("_quick" if args.quick else "")
+        write_bytes(RESULTS / f"{name}.json", (out / "results.json").read_bytes())
         md = (out / "results.md").read_text()
         md += f"\nWall time of the whole run: {wall:.0f} s (benchmarks/harness_benchmark.py, CPU).\n"
-        (RESULTS / f"{args.publish}{suffix}.md").write_text(md)
+        write_text(RESULTS / f"{name}.md", md)
         for png in ["heatmaps.png"] + [p.name for p in sorted(out.glob("metric_*.png"))]:
-            shutil.copy(out / png, RESULTS / f"{args.publish}{suffix}_{png}")
-        print(f"published to {RESULTS}/{args.publish}{suffix}.*")
+            write_bytes(RESULTS / f"{name}_{png}", (out / png).read_bytes())
+        print(f"published to {RESULTS}/{name}.*")
     return 0
 
 

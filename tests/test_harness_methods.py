@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import nha_plugin as nha
-from nha_plugin.harness import methods as HM
+from nha_plugin import harness as HM
+from nha_plugin.harness.captum_methods import CaptumSettings, gradient_shap
+from nha_plugin.harness.randomise import STAGES, randomised_copy
+from nha_plugin.harness.runner import DEFAULT_METHODS
 from nha_plugin.readout import LinearReadout
 
 from conftest import images_for
@@ -25,33 +28,29 @@ def head64(tiny64):
                          logit_scale=100.0)
 
 
-@pytest.fixture
-def cheap_captum(monkeypatch):
-    monkeypatch.setitem(HM.CAPTUM_SETTINGS, "ig_steps", 4)
-    monkeypatch.setitem(HM.CAPTUM_SETTINGS, "gradshap_samples", 2)
-    monkeypatch.setitem(HM.CAPTUM_SETTINGS, "occlusion_window", 64)
+CHEAP = CaptumSettings(ig_steps=4, gradshap_samples=2, occlusion_window=64)
 
 
-def test_every_method_same_contract(head32, cheap_captum):
+def test_every_method_same_contract(head32):
     x = images_for(128, batch=1, dtype=torch.float32)
     target = torch.tensor([1])
     names = HM.available_methods()
-    assert set(HM.DEFAULT_METHODS) <= set(names)
+    assert set(DEFAULT_METHODS) <= set(names)
     expensive = {"integrated_gradients", "layer_integrated_gradients", "occlusion", "gradient_shap", "lrp_zennit"}
     resnet_methods = [n for n in names if HM.get_method(n).family != "vit"]   # ViT methods refuse a ResNet
     assert len(resnet_methods) < len(names)
     for name in resnet_methods:
-        ex = HM.explain(name, head32, x, target)
+        ex = HM.explain(name, head32, x, target, captum=CHEAP)
         assert ex.maps.shape == (1, 128, 128) and ex.maps.dtype == torch.float32, name
         assert torch.isfinite(ex.maps).all(), name
         assert ex.seconds > 0
         assert (ex.completeness_error is not None) == HM.get_method(name).claims_completeness, name
         if HM.get_method(name).target_dependent and name not in expensive and ex.maps.abs().sum() > 0:
-            other = HM.explain(name, head32, x, torch.tensor([0])).maps
+            other = HM.explain(name, head32, x, torch.tensor([0]), captum=CHEAP).maps
             assert not torch.allclose(other, ex.maps), f"{name} ignores the target"
 
 
-def test_batched_targets_equal_one_by_one(head32, cheap_captum):
+def test_batched_targets_equal_one_by_one(head32):
     x = images_for(128, batch=2, dtype=torch.float32, seed=5)
     for name in ("nad_spatial", "maskclip", "gradcam"):
         both = HM.explain(name, head32, x, torch.tensor([1, 3])).maps
@@ -180,30 +179,61 @@ def test_register_a_method_in_a_few_lines(head32):
         with pytest.raises(ValueError, match="already registered"):
             HM.register_method("test_grad_norm")(grad_norm)
     finally:
-        HM.METHODS.pop("test_grad_norm", None)
+        HM.registry.METHODS.pop("test_grad_norm", None)
     with pytest.raises(KeyError, match="unknown method"):
         HM.get_method("test_grad_norm")
 
 
 def test_randomised_copy_is_cascading(head32):
     orig = head32.model.visual
-    one = HM.randomised_copy(head32, 1).model.visual
+    one = randomised_copy(head32, 1).model.visual
     assert not torch.equal(one.attnpool.q_proj.weight, orig.attnpool.q_proj.weight)
     assert torch.equal(one.layer4[0].conv1.weight, orig.layer4[0].conv1.weight)
-    allr = HM.randomised_copy(head32, len(HM.STAGES)).model.visual
+    allr = randomised_copy(head32, len(STAGES)).model.visual
     assert not torch.equal(allr.conv1.weight, orig.conv1.weight)
     assert not torch.equal(allr.layer1[0].conv1.weight, orig.layer1[0].conv1.weight)
     w = allr.layer3[0].conv2.weight
     assert math.isclose(float(w.std()), float(orig.layer3[0].conv2.weight.std()), rel_tol=0.2)
 
 
-def test_gradient_shap_is_seeded_whatever_the_global_numpy_state(head32, cheap_captum):
-    """Captum's GradientShap samples with numpy's global generator; the harness seeds it per call."""
+def test_gradient_shap_is_seeded_whatever_the_global_state_and_restores_it(head32):
+    """Captum's GradientShap samples with numpy's and torch's global generators; the harness seeds both per
+    image and gives the caller both states back."""
     import numpy as np
     x = images_for(128, batch=2, dtype=torch.float32)
-    before = np.random.get_state()[1].copy()
-    a = HM.gradient_shap(head32, x, torch.tensor([0, 1]))
-    assert np.array_equal(np.random.get_state()[1], before), "the caller's numpy state must be restored"
+    np.random.seed(7)
+    torch.manual_seed(7)
+    np_before, torch_before = np.random.get_state(), torch.get_rng_state()
+    a = gradient_shap(head32, x, torch.tensor([0, 1]), captum=CHEAP)
+    np_after = np.random.get_state()
+    assert np_after[0] == np_before[0] and np.array_equal(np_after[1], np_before[1]) and np_after[2:] == np_before[2:], \
+        "the caller's numpy state must be restored"
+    assert torch.equal(torch.get_rng_state(), torch_before), "the caller's torch state must be restored"
     np.random.rand(123)
-    b = HM.gradient_shap(head32, x, torch.tensor([0, 1]))
+    torch.rand(77)
+    b = gradient_shap(head32, x, torch.tensor([0, 1]), captum=CHEAP)
     assert torch.equal(a, b)
+    # through explain with per-image seeds: image b depends only on its seed, not on its batch mates
+    both = HM.explain("gradient_shap", head32, x, torch.tensor([0, 1]), captum=CHEAP, seeds=[11, 12]).raw
+    second = HM.explain("gradient_shap", head32, x[1:], torch.tensor([1]), captum=CHEAP, seeds=[12]).raw
+    torch.testing.assert_close(both[1:], second, rtol=1e-5, atol=1e-6)
+    other = HM.explain("gradient_shap", head32, x[1:], torch.tensor([1]), captum=CHEAP, seeds=[13]).raw
+    assert not torch.allclose(other, second)
+
+
+def test_lrp_without_zennit_is_unavailable_and_says_what_to_install(monkeypatch):
+    """The package imports the LRP family through a guard: with zennit missing, lrp_zennit is not registered and
+    asking for it names the extra to install; any other import failure would propagate."""
+    import sys
+    from nha_plugin.harness import registry as HR
+    monkeypatch.setitem(sys.modules, "zennit", None)                      # import zennit -> ImportError
+    for name in ("nha_plugin.harness.lrp", "nha_plugin.adapters.zennit"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delitem(HR.METHODS, "lrp_zennit", raising=False)
+    monkeypatch.setattr(HR, "UNAVAILABLE", {})
+    assert not HR.import_family("nha_plugin.harness.lrp", ("lrp_zennit",), needs="zennit", extra="zennit")
+    assert "lrp_zennit" not in HM.available_methods()
+    with pytest.raises(HM.MethodUnavailableError, match=r"lrp_zennit.*pip install 'nha-plugin\[zennit\]'"):
+        HM.explain("lrp_zennit", None, torch.zeros(1, 3, 8, 8), 0)
+    with pytest.raises(ModuleNotFoundError):                              # not a missing extra: propagates
+        HR.import_family("nha_plugin.harness.no_such_family", ("x",), needs="numpy", extra="x")

@@ -165,3 +165,35 @@ def test_map_similarity_and_randomisation():
     assert r["curves"]["spearman"][0] == pytest.approx(1)
     assert abs(r["curves"]["spearman"][1]) < 0.2
     assert r["randomisation_spearman"] == pytest.approx(np.mean(r["curves"]["spearman"]))
+
+
+def test_per_image_seeds_make_random_metrics_independent_of_the_batch():
+    """With ``seeds`` an image's perturbations come from its own generator: by hand for infidelity (the noise of
+    a generator seeded with the image's seed), and a batch scores each image as it scores alone."""
+    torch.manual_seed(2)
+    w = torch.randn(6, 6, dtype=torch.float64)
+
+    def f(x):
+        s = (x * w).sum(dim=(1, 2, 3))
+        return torch.stack([s, -s], 1)
+
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    target = torch.tensor([0, 0])
+    wrong = torch.ones(2, 6, 6, dtype=torch.float64)
+    got = M.infidelity(f, x, target, wrong, normalize=False, n_perturb_samples=3, seeds=[21, 5])
+    expected = []
+    for seed in (21, 5):
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn((3, 3, 6, 6), generator=g, dtype=torch.float64) * M.INFIDELITY_SETTINGS["noise_std"]
+        expected.append((((noise / 3).sum(dim=(1, 2, 3)) - (noise * w).sum(dim=(1, 2, 3))) ** 2).mean())
+    torch.testing.assert_close(got, torch.stack(expected))
+    alone = M.infidelity(f, x[1:], target[1:], wrong[1:], normalize=False, n_perturb_samples=3, seeds=[5])
+    torch.testing.assert_close(got[1:], alone)
+    ident = M.max_sensitivity(lambda z, target: z, x, target=target, perturb_radius=0.1, n_perturb_samples=2,
+                              seeds=[21, 5])
+    g = torch.Generator().manual_seed(5)
+    delta = (torch.rand((2, 3, 6, 6), generator=g, dtype=torch.float64) * 2 - 1) * 0.1
+    expected = (delta.flatten(1).norm(dim=1) / x[1].norm()).max()
+    torch.testing.assert_close(ident[1], expected.to(ident.dtype))
+    with pytest.raises(ValueError, match=r"one seed per image \(2\); got 3"):
+        M.infidelity(f, x, target, wrong, n_perturb_samples=2, seeds=[1, 2, 3])

@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_VIT_CFG, images_for, randomise_vit
+from nha_plugin import harness as HM
 from nha_plugin import vit
-from nha_plugin.harness import methods as HM
-from nha_plugin.harness import vit_methods as VM
-from nha_plugin.harness.runner import BenchItem, BenchmarkConfig
+from nha_plugin.harness.data import BenchItem
+from nha_plugin.harness.randomise import randomised_copies
+from nha_plugin.harness.runner import DEFAULT_METHODS, VIT_DEFAULT_METHODS, BenchmarkConfig, methods_for
+from nha_plugin.harness.side_by_side import run_side_by_side
 from nha_plugin.readout import LinearReadout
 
 
@@ -59,11 +61,13 @@ def test_vit_class_attention_matches_torch_attention(tiny_vit64):
     assert torch.allclose(ex.raw.reshape(2, 16), w[:, 0, 1:], atol=1e-12, rtol=0)
 
 
-def test_vit_methods_refuse_a_resnet(tiny64):
+def test_vit_methods_refuse_a_resnet(tiny64, tiny_vit64):
     fw = _readout(tiny64)
     with pytest.raises(TypeError, match="CLIP-ViT"):
         HM.explain("vit_spatial", fw, images_for(tiny64, 1), torch.tensor([0]))
-    assert VM.methods_for(tiny64, HM.DEFAULT_METHODS) == list(HM.DEFAULT_METHODS)
+    assert methods_for(tiny64, DEFAULT_METHODS) == list(DEFAULT_METHODS)
+    assert methods_for(tiny_vit64, DEFAULT_METHODS) == list(VIT_DEFAULT_METHODS)
+    assert methods_for(tiny_vit64, ["saliency"]) == ["saliency"]
 
 
 def _vit128():
@@ -84,14 +88,14 @@ def _items(n=2, size=128):
 
 def test_resnet_and_vit_side_by_side(tiny32, tmp_path):
     rn, v = _readout(tiny32, dtype=torch.float32), _readout(_vit128(), dtype=torch.float32)
-    cfg = BenchmarkConfig(methods=HM.DEFAULT_METHODS, n=2, n_subset=1, batch_size=2, del_ins_steps=2,
+    cfg = BenchmarkConfig(methods=DEFAULT_METHODS, n=2, n_subset=1, batch_size=2, del_ins_steps=2,
                           metrics=("pointing_game", "mass_in_mask", "segmentation", "deletion_insertion",
                                    "completeness_error", "seconds_per_image", "randomisation"),
                           randomisation_stages=("attnpool",), quiet=True)
     rn_cfg = BenchmarkConfig(**{**cfg.__dict__, "methods": ("nad_spatial", "centre")})
     vit_methods = ("vit_spatial", "textspan_vit", "vit_class_attention", "saliency", "centre")
     vit_cfg = BenchmarkConfig(**{**cfg.__dict__, "methods": vit_methods})
-    merged = VM.run_side_by_side({"rn": rn_cfg, "vit": vit_cfg}, str(tmp_path), forwards={"rn": rn, "vit": v},
+    merged = run_side_by_side({"rn": rn_cfg, "vit": vit_cfg}, str(tmp_path), forwards={"rn": rn, "vit": v},
                                  items=_items(), classes=["a", "b", "c"])
     assert set(merged["methods"]) == {"rn:nad_spatial", "rn:centre"} | {f"vit:{m}" for m in vit_methods}
     for m in vit_methods:
@@ -111,7 +115,7 @@ def test_resnet_and_vit_side_by_side(tiny32, tmp_path):
 def test_vit_randomisation_stages():
     fw = _readout(_vit128(), dtype=torch.float32)
     before = {n: p.detach().clone() for n, p in fw.model.visual.named_parameters()}
-    head, last, embed = VM.randomised_copies(fw, ("attnpool", "last_block", "stem"), seed=3)
+    head, last, embed = randomised_copies(fw, ("attnpool", "last_block", "stem"), seed=3)
     changed = lambda f: {n for n, p in f.model.visual.named_parameters() if not torch.equal(p, before[n])}  # noqa
     assert changed(head) == {"proj", "ln_post.weight", "ln_post.bias"}
     assert changed(last) == changed(head) | {n for n in before if n.startswith("transformer.resblocks.2.")}
@@ -121,7 +125,7 @@ def test_vit_randomisation_stages():
     with torch.no_grad():
         assert not torch.allclose(head(x), fw(x))
     with pytest.raises(ValueError, match=r"unknown ViT stage\(s\) \[.layer9.\]"):
-        VM.randomised_copies(fw, ("layer9",))
+        randomised_copies(fw, ("layer9",))
 
 
 def test_vit_maskclip_matches_torch_modules(tiny_vit64):

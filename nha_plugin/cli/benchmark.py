@@ -9,8 +9,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..harness.methods import DEFAULT_METHODS
-from ..harness.runner import DEFAULT_METRICS, QUICK, BenchmarkConfig, run_benchmark
+from ..files import CorruptFileError
+from ..harness import available_methods
+from ..harness.runner import DEFAULT_METHODS, DEFAULT_METRICS, QUICK, BenchmarkConfig, run_benchmark
+from ..runs import RunMismatchError
 
 __all__ = ["add_parser", "run", "main"]
 
@@ -44,18 +46,25 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="dataset seed (held out from training)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--out", default=d.out, help="output folder (results.json/.md, heatmaps.png, metric_*.png)")
-    p.add_argument("--quick", action="store_true", help="small run (4 images, fewer steps): about 2 minutes")
-    p.add_argument("--fresh", action="store_true", help="discard records of an earlier run in --out")
+    p.add_argument("--quick", action="store_true", help=f"small run ({QUICK['n']} images, fewer steps): about 2 minutes")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the records of an earlier run in --out (needed when its settings differ)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
+    """The :class:`BenchmarkConfig` of parsed arguments (``--quick`` first, explicit options over it); exits
+    with a message for an unknown method or metric group or a bad ``--n``."""
     cfg = BenchmarkConfig(model=args.model, dataset=args.dataset, path=args.path, batch_size=args.batch_size,
                           seed=args.seed, device=args.device, out=args.out, quiet=args.quiet, fresh=args.fresh)
     if args.quick:
         for k, v in QUICK.items():
             setattr(cfg, k, v)
     if args.methods:
+        known = set(available_methods()) | set(DEFAULT_METHODS)
+        unknown = [m for m in args.methods if m not in known]
+        if unknown:
+            raise SystemExit(f"nha benchmark: unknown method(s) {unknown}; choose from {sorted(known)}")
         cfg.methods = tuple(args.methods)
     if args.metrics:
         unknown = [m for m in args.metrics if m not in DEFAULT_METRICS]
@@ -72,9 +81,19 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark described by parsed ``args``; prints the table, writes the files. Returns 0."""
+    """Run the benchmark described by parsed ``args``; prints the table, writes the files.
+
+    Returns:
+        0 on success, 1 when no method ran, 2 when ``--out`` holds another run (rerun with ``--fresh``) or a
+        damaged file (the one-line message names it).
+    """
     cfg = config_from_args(args)
-    results = run_benchmark(cfg)
+    try:
+        results = run_benchmark(cfg)
+    except (RunMismatchError, CorruptFileError) as err:
+        first, *rest = [line.strip() for line in str(err).splitlines() if line.strip()]
+        print(f"nha benchmark: error: {first} {'; '.join(rest)}".rstrip(), file=sys.stderr)
+        return 2
     if cfg.quiet:                                   # the runner prints the table only with progress output on
         from ..harness.report import table
         print(table(results))

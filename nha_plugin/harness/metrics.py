@@ -1,6 +1,6 @@
 """Metrics that score attribution maps, each with a name, ``higher_is_better`` and a known-answer test.
 
-Maps are (S, S) (or (B, S, S)) pixel maps after :func:`nha_plugin.harness.methods.to_pixel_map`; masks are
+Maps are (S, S) (or (B, S, S)) pixel maps after :func:`nha_plugin.harness.registry.to_pixel_map`; masks are
 bool (S, S). Every metric applies its own normalisation, identically to every method:
 
 - localisation (pointing game, mass in mask, segmentation) read the map as given; mass and segmentation
@@ -10,6 +10,8 @@ bool (S, S). Every metric applies its own normalisation, identically to every me
 
 Per-image metrics return floats; segmentation returns counts that :func:`segmentation_summary` accumulates over
 the dataset (the ImageNet-Segmentation protocol: pixAcc and mIoU from dataset totals, mAP = mean per-image AP).
+The random metrics (infidelity, max-sensitivity) take per-image ``seeds``: each image's perturbations then
+depend only on its seed, so any subset of a batch scores as it does inside the batch.
 """
 from __future__ import annotations
 
@@ -196,17 +198,54 @@ def _spread(heat: Tensor, channels: int) -> Tensor:
     return heat[:, None].expand(-1, channels, -1, -1) / channels
 
 
+def _perturbation_draws(draw: Callable[[tuple, torch.Generator], Tensor], images: Tensor, default_seed: int,
+                        seeds: Optional[Sequence[int]]) -> Callable[[Tensor], Tensor]:
+    """A function giving random draws shaped like Captum's expanded batch x (n * B, ...), in which each image's n
+    perturbed copies are consecutive rows. Without ``seeds`` one generator (seeded ``default_seed``) serves
+    every call in turn; with them, image b's rows come from a generator seeded ``seeds[b]`` (one call only)."""
+    device = images.device
+    if seeds is None:
+        g = torch.Generator(device=device).manual_seed(default_seed)
+        return lambda x: draw(x.shape, g)
+    if len(seeds) != images.shape[0]:
+        raise ValueError(f"seeds must hold one seed per image ({images.shape[0]}); got {len(seeds)}")
+
+    def per_image(x: Tensor) -> Tensor:
+        n, rest = divmod(x.shape[0], len(seeds))
+        if rest:
+            raise ValueError(f"expected {len(seeds)} images' perturbations in one batch; got {x.shape[0]} rows")
+        return torch.cat([draw((n, *x.shape[1:]), torch.Generator(device=device).manual_seed(int(s)))
+                          for s in seeds])
+    return per_image
+
+
 def infidelity(forward: Callable, images: Tensor, target: Tensor, heat: Tensor, normalize: bool = True,
-               noise_std: Optional[float] = None, n_perturb_samples: Optional[int] = None) -> Tensor:
+               noise_std: Optional[float] = None, n_perturb_samples: Optional[int] = None,
+               seeds: Optional[Sequence[int]] = None) -> Tensor:
     """``captum.metrics.infidelity`` with Gaussian perturbations I ~ N(0, noise_std^2) per pixel and channel:
-    E[(I . attribution - (f(x) - f(x - I)))^2] (after Captum's optimal rescaling when ``normalize``). (B,)."""
+    E[(I . attribution - (f(x) - f(x - I)))^2] (after Captum's optimal rescaling when ``normalize``).
+
+    Args:
+        forward: images (B, 3, S, S) -> logits (B, K).
+        images: (B, 3, S, S).
+        target: (B,) read-out columns.
+        heat: (B, S, S) maps (spread evenly over the channels) or (B, 3, S, S) attributions.
+        normalize, noise_std, n_perturb_samples: as in Captum (defaults :data:`INFIDELITY_SETTINGS`).
+        seeds: one seed per image for its noise (default: one generator seeded ``INFIDELITY_SETTINGS['seed']``
+            for the whole batch).
+
+    Returns:
+        (B,) infidelity.
+    """
     from captum.metrics import infidelity as captum_infidelity
     std = INFIDELITY_SETTINGS["noise_std"] if noise_std is None else noise_std
     n = n_perturb_samples or INFIDELITY_SETTINGS["n_perturb_samples"]
-    g = torch.Generator(device=images.device).manual_seed(INFIDELITY_SETTINGS["seed"])
+    noise_like = _perturbation_draws(
+        lambda shape, g: torch.randn(shape, generator=g, device=images.device, dtype=images.dtype) * std,
+        images, INFIDELITY_SETTINGS["seed"], seeds)
 
     def perturb(x):
-        noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) * std
+        noise = noise_like(x)
         return noise, x - noise
 
     attr = heat if heat.shape == images.shape else _spread(heat.to(images.dtype), images.shape[1])
@@ -216,18 +255,33 @@ def infidelity(forward: Callable, images: Tensor, target: Tensor, heat: Tensor, 
 
 
 def max_sensitivity(explanation_fn: Callable[..., Tensor], images: Tensor, target: Optional[Tensor] = None,
-                    perturb_radius: Optional[float] = None, n_perturb_samples: Optional[int] = None) -> Tensor:
+                    perturb_radius: Optional[float] = None, n_perturb_samples: Optional[int] = None,
+                    seeds: Optional[Sequence[int]] = None) -> Tensor:
     """``captum.metrics.sensitivity_max``: max over uniform L-inf perturbations of radius r of
-    ||expl(x + d) - expl(x)|| / ||expl(x)|| (Frobenius norms). ``explanation_fn(images, target=...)`` maps
-    (B, 3, S, S) to maps of any shape; Captum repeats ``target`` with the perturbed batch. Returns (B,)."""
+    ||expl(x + d) - expl(x)|| / ||expl(x)|| (Frobenius norms).
+
+    Args:
+        explanation_fn: ``explanation_fn(images, target=...)`` maps (N, 3, S, S) to maps of any shape; Captum
+            calls it on the batch and on the perturbed batch, where image b's copies are consecutive rows.
+        images: (B, 3, S, S).
+        target: (B,) or None; Captum repeats it with the perturbed batch.
+        perturb_radius, n_perturb_samples: defaults :data:`SENSITIVITY_SETTINGS`.
+        seeds: one seed per image for its perturbations (default: one generator seeded
+            ``SENSITIVITY_SETTINGS['seed']`` for the whole batch).
+
+    Returns:
+        (B,) max-sensitivity.
+    """
     from captum.metrics import sensitivity_max
     r = SENSITIVITY_SETTINGS["perturb_radius"] if perturb_radius is None else perturb_radius
     n = n_perturb_samples or SENSITIVITY_SETTINGS["n_perturb_samples"]
-    g = torch.Generator(device=images.device).manual_seed(SENSITIVITY_SETTINGS["seed"])
+    uniform_like = _perturbation_draws(
+        lambda shape, g: torch.rand(shape, generator=g, device=images.device, dtype=images.dtype),
+        images, SENSITIVITY_SETTINGS["seed"], seeds)
 
     def perturb(x):
         x = x[0] if isinstance(x, tuple) else x
-        return x + (torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype) * 2 - 1) * r
+        return x + (uniform_like(x) * 2 - 1) * r
 
     def fn(x, **kwargs):
         return (explanation_fn(x[0] if isinstance(x, tuple) else x, **kwargs),)

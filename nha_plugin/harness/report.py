@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..files import save_figure
 from . import metrics as M
-from .methods import CAPTUM_SETTINGS, get_method
+from .registry import get_method
 
 __all__ = ["summarise", "markdown", "table", "heatmap_grid", "metric_charts", "COLUMNS"]
 
@@ -35,6 +35,7 @@ def _mean_sem(values: List[float]) -> Dict[str, float]:
 
 
 def protocol(cfg, data_desc: str, accuracy: float, classes: Sequence[str]) -> Dict[str, object]:
+    """Everything a reader needs to reproduce the numbers: model, data, forward, targets, every setting."""
     return {
         "model": cfg.model, "dataset": data_desc, "device": cfg.device, "seed": cfg.seed,
         "forward": f"ZeroShotClassifier over {len(classes)} classes {list(classes)}, template 'a photo of a {{}}.', "
@@ -47,12 +48,15 @@ def protocol(cfg, data_desc: str, accuracy: float, classes: Sequence[str]) -> Di
                         "totals, mAP = mean per-image AP. Maps are for the target class; no class-mean subtraction "
                         "(part of TextSpan's map construction, not of the scoring)",
         "deletion_insertion_score": "softmax probability of the target over the classes after each step",
-        "captum": dict(CAPTUM_SETTINGS, ig_steps=cfg.ig_steps, gradshap_samples=cfg.gradshap_samples,
-                       occlusion_window=cfg.occlusion_window), "deletion_insertion": dict(M.DEL_INS_SETTINGS, steps=cfg.del_ins_steps),
+        "captum": dataclasses.asdict(cfg.captum),
+        "deletion_insertion": dict(M.DEL_INS_SETTINGS, steps=cfg.del_ins_steps),
         "infidelity": dict(M.INFIDELITY_SETTINGS, n_perturb_samples=cfg.infidelity_samples),
         "max_sensitivity": dict(M.SENSITIVITY_SETTINGS, n_perturb_samples=cfg.sensitivity_samples),
         "subset_metrics_images": cfg.n_subset, "randomisation_stages": list(cfg.randomisation_stages),
         "batch_size": cfg.batch_size,
+        "seeds": f"image i's random draws (gradient_shap, infidelity, max-sensitivity) come from its own seed "
+                 f"(numpy SeedSequence of (seed {cfg.seed}, i)), never from a stream shared with other images; a "
+                 "resumed run recomputes unfinished batches whole, so it reproduces an uninterrupted run's numbers",
     }
 
 
@@ -130,12 +134,21 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def heatmap_grid(items, methods: Sequence[str], maps_dir: Path, path: Path) -> None:
-    """PNG grid: one row per method, one column per image; each map min-max scaled on its own, object outlined."""
+def heatmap_grid(items, methods: Sequence[str], load_map: Callable[[str, int], Optional[np.ndarray]],
+                 path: Path) -> None:
+    """PNG grid: one row per method, one column per image; each map min-max scaled on its own, object outlined.
+
+    Args:
+        items: the :class:`~nha_plugin.harness.data.BenchItem` columns: the benchmark's first images.
+        methods: candidate rows; a method without a map for the first image is left out.
+        load_map: ``load_map(method, i)`` -> the (S, S) map of the benchmark's image i, or None.
+        path: the PNG (written atomically).
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [m for m in methods if (maps_dir / f"{m}_{items[0].index}.npy").exists()] if items else []
+    maps = {m: [load_map(m, i) for i in range(len(items))] for m in methods}
+    rows = [m for m in methods if items and maps[m][0] is not None]
     if not rows:
         return
     fig, axes = plt.subplots(len(rows) + 1, len(items), figsize=(1.6 * len(items), 1.6 * (len(rows) + 1)),
@@ -144,12 +157,10 @@ def heatmap_grid(items, methods: Sequence[str], maps_dir: Path, path: Path) -> N
         axes[0, j].imshow(it.image)
         axes[0, j].set_title(it.label, fontsize=7)
         for i, m in enumerate(rows, start=1):
-            f = maps_dir / f"{m}_{it.index}.npy"
             ax = axes[i, j]
             ax.imshow(it.image, alpha=0.35)
-            if f.exists():
-                h = np.load(f).astype(np.float32)
-                ax.imshow(h, cmap="jet", alpha=0.65)
+            if maps[m][j] is not None:
+                ax.imshow(np.asarray(maps[m][j], dtype=np.float32), cmap="jet", alpha=0.65)
             ax.contour(it.mask, levels=[0.5], colors="w", linewidths=0.6)
             if j == 0:
                 ax.set_ylabel(m, fontsize=6, rotation=0, ha="right", va="center")
@@ -157,10 +168,8 @@ def heatmap_grid(items, methods: Sequence[str], maps_dir: Path, path: Path) -> N
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    save_figure(path, fig, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def metric_charts(results: dict, out: Path) -> List[Path]:
@@ -186,8 +195,7 @@ def metric_charts(results: dict, out: Path) -> List[Path]:
         if key in ("completeness_error", "seconds_per_image", "max_sensitivity", "infidelity") and min(vals) > 0:
             ax.set_xscale("log")
         fig.tight_layout()
-        p = out / f"metric_{key}.png"
-        fig.savefig(p, dpi=90)
+        p = save_figure(Path(out) / f"metric_{key}.png", fig, dpi=90)
         plt.close(fig)
         paths.append(p)
     return paths
