@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .pool import (class_attention, constant_term, head_bias, head_outputs, head_split, neuron_contributions,
-                   pair_directions, positional_embedding_for, target_weights, tokens)
+                   pair_coefficients, pair_directions, positional_embedding_for, target_weights, tokens)
 from .pool_maps import apply_sink, check_sink
 from .spec import AttentionPoolSpec
 
@@ -73,7 +73,7 @@ def decompose_features(spec: AttentionPoolSpec, features: Tensor, *, sink: str =
         pos = positional_embedding_for(spec, (h, w))
     z = tokens(features, pos)
     attn = class_attention(spec, z)
-    coeffs = torch.einsum("bht,btn->bhn", attn, z)
+    coeffs = pair_coefficients(attn, z)
     return Contributions(spec=spec, features=features, positional_embedding=pos, attention=attn,
                          pair_coefficients=coeffs, sink=sink, bias=bias)
 
@@ -466,6 +466,3 @@ class Contributions:
             stack = stack.flatten(0, 1)
         labels = [f"H{h}N{n}" for h in hs.tolist() for n in ns.tolist()]
         return (stack, labels) if return_labels else stack
-
-    # ``finish_scores`` under its former name, for callers that have not moved to the public function yet
-    _finish = staticmethod(finish_scores)

@@ -29,7 +29,7 @@ from typing import Iterator, Type
 import torch
 from torch import Tensor, nn
 
-from .pool import head_split, positional_embedding_for, tokens, value_tokens
+from .pool import head_split, pair_coefficients, positional_embedding_for, tokens, value_tokens
 from .spec import AttentionPoolSpec, UnsupportedModelError, pool_weights_from_module
 
 __all__ = ["HookPoint", "HookedAttentionPool", "hooked", "HOOK_NAMES", "find_pool"]
@@ -92,7 +92,7 @@ class HookedAttentionPool(nn.Module):
         v = self.hook_v(value_tokens(spec, z))
         scores = self.hook_attn_scores(torch.einsum("bhj,bthj->bht", q[:, 0], k) / math.sqrt(d))
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
-        raw = torch.einsum("bht,btn->bhn", pattern, z)
+        raw = pair_coefficients(pattern, z)
         coeffs = self.hook_pair_coeffs(raw)
         wo, wv = head_split(spec)
         # an edit of the pair coefficients reaches the output through the value path: + W_v^h (s_edited - s)

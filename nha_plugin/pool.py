@@ -31,7 +31,7 @@ from .spec import AttentionPoolSpec
 __all__ = [
     "head_split", "pair_directions", "neuron_contributions", "neuron_blocks", "head_outputs", "pool_output",
     "constant_term", "head_bias", "target_weights", "interpolate_positional_embedding", "positional_embedding_for",
-    "tokens", "class_attention", "value_tokens", "pair_norms", "check_pair_signs", "pc_sign",
+    "tokens", "class_attention", "pair_coefficients", "value_tokens", "pair_norms", "check_pair_signs", "pc_sign",
 ]
 
 
@@ -136,6 +136,12 @@ def class_attention(spec: AttentionPoolSpec, tokens: Tensor) -> Tensor:
     k = tokens @ spec.k_weight.T + spec.k_bias                            # (B, T, C)
     logits = torch.einsum("bhj,bthj->bht", q.view(-1, H, d), k.view(k.shape[0], k.shape[1], H, d))
     return torch.softmax(logits / math.sqrt(d), dim=-1)
+
+
+def pair_coefficients(attention: Tensor, z: Tensor) -> Tensor:
+    """s[h, n] = sum_t a[h, t] z_t[n]: pair coefficients (B, H, C) from class attention (B, H, T) and tokens
+    (B, T, C)."""
+    return torch.einsum("bht,btn->bhn", attention, z)
 
 
 def value_tokens(spec: AttentionPoolSpec, z: Tensor, attention: Optional[Tensor] = None) -> Tensor:

@@ -51,7 +51,7 @@ class AttentionPoolSpec:
     source: str = "unknown"
     pool_resizes: bool = False
     extra: dict = field(default_factory=dict)
-    _WEIGHTS = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "c_weight", "c_bias",
+    WEIGHT_NAMES = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias", "c_weight", "c_bias",
                 "positional_embedding")
 
     def __post_init__(self) -> None:
@@ -72,7 +72,7 @@ class AttentionPoolSpec:
 
     def detached(self) -> "AttentionPoolSpec":
         """The same spec with weights detached from autograd (views, no copies)."""
-        return replace(self, **{n: getattr(self, n).detach() for n in self._WEIGHTS})
+        return replace(self, **{n: getattr(self, n).detach() for n in self.WEIGHT_NAMES})
 
     @property
     def num_neurons(self) -> int:

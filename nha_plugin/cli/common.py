@@ -53,9 +53,8 @@ def user_errors() -> tuple:
     from ..models import PretrainedUnavailableError
     from ..runs import RunMismatchError
     from ..spec import UnsupportedModelError
-    from ..stats import StatsMismatchError
     return (FileNotFoundError, NotADirectoryError, UnsupportedModelError, PretrainedUnavailableError,
-            RunMismatchError, CorruptFileError, StatsMismatchError)
+            RunMismatchError, CorruptFileError)
 
 
 def report_user_error(command: str, err: BaseException) -> int:

@@ -1,7 +1,6 @@
 """Which model and file format a set of statistics belongs to, and the error raised when they do not match."""
 from __future__ import annotations
 
-from dataclasses import fields
 
 import torch
 from torch import Tensor
@@ -24,9 +23,8 @@ class StatsMismatchError(RunMismatchError):
 
 
 def pool_weights(spec: AttentionPoolSpec) -> list[Tensor]:
-    """The attention pool's weight tensors in the spec's field order (q, k, v, c weights and biases, then the
-    positional embedding): the spec's tensor-valued fields are exactly these."""
-    return [getattr(spec, f.name) for f in fields(spec) if isinstance(getattr(spec, f.name), Tensor)]
+    """The attention pool's weight tensors (q, k, v, c weights and biases, then the positional embedding)."""
+    return [getattr(spec, name) for name in AttentionPoolSpec.WEIGHT_NAMES]
 
 
 def spec_fingerprint(spec: AttentionPoolSpec) -> str:

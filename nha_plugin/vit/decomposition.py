@@ -26,14 +26,13 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..decomposition import Contributions, canonical_target
+from ..decomposition import canonical_target, finish_scores
 from .spec import ViTSpec, select_layers, vit_spec
 from .trace import embed, model_output, pool_and_project, run_block, validate_images
 
 __all__ = ["ViTContributions", "decompose", "LEVELS", "canonical_target"]
 
 LEVELS = ("component", "layer", "head", "token", "spatial")
-_finish = Contributions._finish
 
 
 def decompose(model, images: Tensor, *, token_layers: Union[str, Sequence[int], None] = "all",
@@ -275,7 +274,7 @@ class ViTContributions:
         e, kind = self._target(target, per_image)
         out, rest = self._parts(e, level, self._check_token_layers(layers) if level in ("token", "spatial") else ())
         scale = self._scale(e, normalize)
-        return _finish(out, kind, scale), _finish(rest, kind, scale)
+        return finish_scores(out, kind, scale), finish_scores(rest, kind, scale)
 
     # ---- the unmodified model and completeness ------------------------------------------------------------
     @property
@@ -312,8 +311,8 @@ class ViTContributions:
         keep = 1 if kind == "set" else 0
         parts, rest = self.scores_and_rest(target, level=level, per_image=per_image)
         total = parts.flatten(start_dim=1 + keep).sum(dim=-1) + rest
-        ref = _finish(torch.einsum("bD,bDk->bk", y.to(e.dtype), e.expand(self.batch_size, -1, -1)), kind, None)
-        return (total - ref).abs() / _finish(self._scale(e, True), kind, None)
+        ref = finish_scores(torch.einsum("bD,bDk->bk", y.to(e.dtype), e.expand(self.batch_size, -1, -1)), kind, None)
+        return (total - ref).abs() / finish_scores(self._scale(e, True), kind, None)
 
     # ---- ablation --------------------------------------------------------------------------------------
     def mean_ablated(self, head_mask: Optional[Tensor] = None, head_means: Optional[Tensor] = None,
