@@ -201,6 +201,10 @@ class RunDir:
             path.unlink(missing_ok=True)
             return None
 
+    def part_path(self, name: str) -> Path:
+        """The file a part is kept in (to name it in errors); it may not exist yet."""
+        return self._file(name, _PART)
+
     def has_part(self, name: str) -> bool:
         """Whether part ``name`` exists (its content is checked by :meth:`load_part`)."""
         return self._file(name, _PART).is_file()

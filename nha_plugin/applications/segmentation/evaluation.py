@@ -30,7 +30,6 @@ ORACLE = "oracle-majority"
 ORACLE_DESCRIPTION = "oracle floor: every pixel gets the image's most frequent ground-truth class (no localisation)"
 # Bump when what a part holds, or how its numbers are computed, changes: older run folders are then refused.
 RUN_FORMAT = 1
-PART_SUFFIX = ".part.safetensors"          # the file name nha_plugin.runs.RunDir gives a part
 
 
 def dataset_identity(dataset, n: int) -> dict:
@@ -177,7 +176,7 @@ def evaluate(segmentor: Segmentor, dataset, *, n: Optional[int] = None, no_backg
                              per_image=per_image, config=config)
         run = RunDir(run_dir, key, fresh=fresh)
         while done < total and (part := run.load_part(part_name(done))) is not None:
-            count = _checked_count(part, run.path / (part_name(done) + PART_SUFFIX), done, total, names, K, per_image)
+            count = _checked_count(part, run.part_path(part_name(done)), done, total, names, K, per_image)
             for m in names:
                 totals[m].matrix += part["confusion"][m]
                 if per_image:
