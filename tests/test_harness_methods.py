@@ -206,8 +206,8 @@ def test_gradient_shap_is_seeded_whatever_the_global_state_and_restores_it(head3
     np_before, torch_before = np.random.get_state(), torch.get_rng_state()
     a = gradient_shap(head32, x, torch.tensor([0, 1]), captum=CHEAP)
     np_after = np.random.get_state()
-    assert np_after[0] == np_before[0] and np.array_equal(np_after[1], np_before[1]) and np_after[2:] == np_before[2:], \
-        "the caller's numpy state must be restored"
+    same = np_after[0] == np_before[0] and np.array_equal(np_after[1], np_before[1]) and np_after[2:] == np_before[2:]
+    assert same, "the caller's numpy state must be restored"
     assert torch.equal(torch.get_rng_state(), torch_before), "the caller's torch state must be restored"
     np.random.rand(123)
     torch.rand(77)

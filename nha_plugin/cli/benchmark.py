@@ -46,7 +46,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="dataset seed (held out from training)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--out", default=d.out, help="output folder (results.json/.md, heatmaps.png, metric_*.png)")
-    p.add_argument("--quick", action="store_true", help=f"small run ({QUICK['n']} images, fewer steps): about 2 minutes")
+    p.add_argument("--quick", action="store_true",
+                   help=f"small run ({QUICK['n']} images, fewer steps): about 2 minutes")
     p.add_argument("--fresh", action="store_true",
                    help="discard the records of an earlier run in --out (needed when its settings differ)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

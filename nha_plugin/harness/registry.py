@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Method", "MethodFn", "Explanation", "MethodUnavailableError", "METHODS", "register_method", "mark_unavailable",
-           "import_family", "UNAVAILABLE", "get_method", "available_methods", "explain", "to_pixel_map"]
+__all__ = ["Method", "MethodFn", "Explanation", "MethodUnavailableError", "METHODS", "UNAVAILABLE", "register_method",
+           "mark_unavailable", "import_family", "get_method", "available_methods", "explain", "to_pixel_map"]
 
 MethodFn = Callable[..., Union[Tensor, Tuple[Tensor, Tensor]]]
 
