@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attribution import NeuronHeadAttribution
-from ..pool import head_bias, pool_output, target_weights
+from ..pool import head_bias, pair_coefficients, pool_output, target_weights
 from ..pool_maps import apply_sink
 from ..spec import AttentionPoolSpec
 from .forward import pool_inputs, readout_factor, relative_to_logit, resnet_spec, target_directions
@@ -46,7 +46,7 @@ def _target_parts(forward: nn.Module, images: Tensor, target: Tensor):
     spec: AttentionPoolSpec = resnet_spec(forward)
     feats, z, a = pool_inputs(spec, images)
     e = target_directions(forward, target).to(z.dtype)
-    embedding = pool_output(spec, torch.einsum("bht,btn->bhn", a, z))
+    embedding = pool_output(spec, pair_coefficients(a, z))
     return spec, feats, z, a, e, target_weights(spec, e[..., None])[..., 0], readout_factor(forward, embedding)
 
 

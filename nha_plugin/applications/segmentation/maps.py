@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from ...pool import check_pair_signs, class_attention, pair_directions, pool_output, positional_embedding_for, tokens
+from ...pool import (check_pair_signs, class_attention, pair_coefficients, pair_directions, pool_output,
+                     positional_embedding_for, tokens)
 from ...pool_maps import apply_sink, head_maps, maskclip_tokens, self_self_tokens, token_cosines
 from ...spec import AttentionPoolSpec
 
@@ -182,7 +183,7 @@ def crop_logits(spec: AttentionPoolSpec, features: Tensor, text: Tensor, methods
             out[m] = token_cosines(self_self_tokens(spec, features, pos), text, grid)
         elif m == "global":
             z = tokens(features, pos)
-            y = pool_output(spec, torch.einsum("bht,btn->bhn", class_attention(spec, z), z))
+            y = pool_output(spec, pair_coefficients(class_attention(spec, z), z))
             cos = F.normalize(y, dim=-1) @ F.normalize(text, dim=-1).T
             out[m] = cos[:, :, None, None].expand(-1, -1, *grid)
     return out
