@@ -48,7 +48,7 @@ def pc0_signs(model, n: int, seed: int, progress: bool) -> torch.Tensor:
     """The paper's PC0 sign of every pair (H, C) from :func:`nha_plugin.stats.collect` over n scenes."""
     from nha_plugin.scenes import SceneDataset
     from nha_plugin.stats import collect
-    from nha_plugin.zoo._scenes_rn import images_to_tensor
+    from nha_plugin.zoo import images_to_tensor
     scenes = SceneDataset(n, seed=seed)
     batches = (images_to_tensor(np.stack([scenes[i].image for i in range(s, min(s + 50, n))]))
                for s in range(0, n, 50))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .adapters import get_spec
 from .decomposition import Contributions, decompose_features
 from .spec import AttentionPoolSpec
-from .zoo._zoo import MODELS
+from .zoo import MODELS
 
 __all__ = ["load_clip", "decompose", "validate_images", "read_state_dict", "PretrainedUnavailableError",
            "PRECISIONS"]
@@ -199,7 +199,7 @@ def load_clip(name: str = "scenes-rn", pretrained: Optional[str] = None, *, devi
     import open_clip
 
     if name in BUNDLED:
-        from .zoo._zoo import load_zoo_model
+        from .zoo import load_zoo_model
         model, preprocess, tokenizer = load_zoo_model(name)
         return _finish(model, device, precision), preprocess, tokenizer
 

@@ -127,7 +127,7 @@ def assert_plain_prompts_pick_the_planted_object(model, tokenizer, seed: int) ->
     import torch.nn.functional as F
 
     from nha_plugin import scenes as S
-    from nha_plugin.zoo._zoo import images_to_tensor
+    from nha_plugin.zoo.bundled import images_to_tensor
 
     scenes = [S.generate_scene((seed + 7, i), objects=[{"colour": "yellow", "shape": "star"}], n_objects=1)
               for i in range(4)]

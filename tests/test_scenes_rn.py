@@ -12,7 +12,8 @@ from nha_plugin import files
 from nha_plugin import scenes as S
 from nha_plugin.files import CorruptFileError
 from nha_plugin.runs import RunMismatchError
-from nha_plugin.zoo import _scenes_rn as Z
+from nha_plugin import zoo as Z
+from nha_plugin.zoo import build_model, load_zoo_model, zoo_config
 from nha_plugin.zoo import train_scenes_rn as T
 
 from conftest import assert_checkpoints_equal, assert_plain_prompts_pick_the_planted_object, planted
@@ -23,11 +24,11 @@ TEST_SEED = 2000
 
 @pytest.fixture(scope="module")
 def bundled():
-    return Z.load_scenes_rn("cpu")
+    return load_zoo_model("scenes-rn", "cpu")
 
 
 def test_config_is_a_clip_resnet_with_enough_heads():
-    cfg = Z.scenes_rn_config()
+    cfg = zoo_config("scenes-rn")
     assert set(cfg) >= {"embed_dim", "vision_cfg", "text_cfg"}
     v = cfg["vision_cfg"]
     assert len(v["layers"]) == 4 and v["image_size"] == 224
@@ -41,11 +42,11 @@ def test_loads_offline_with_the_exact_state_dict(bundled):
     from safetensors.torch import load_file
 
     stored = load_file(str(Z.ZOO_DIR / "scenes-rn.safetensors"))
-    assert set(stored) == set(Z.build_scenes_rn().state_dict())
+    assert set(stored) == set(build_model(zoo_config("scenes-rn")).state_dict())
     ap = model.visual.attnpool
     assert ap.num_heads >= 8 and ap.positional_embedding.shape[0] == 7 * 7 + 1
     assert not model.training and next(model.parameters()).dtype == torch.float32
-    assert tokenizer(["a photo of a cat"]).shape == (1, Z.scenes_rn_config()["text_cfg"]["context_length"])
+    assert tokenizer(["a photo of a cat"]).shape == (1, zoo_config("scenes-rn")["text_cfg"]["context_length"])
     # the weights were trained: the batch-norm scales that open_clip initialises to zero are not zero
     assert model.visual.layer4[0].bn3.weight.abs().sum() > 0
 
@@ -107,7 +108,7 @@ def test_training_script_runs_and_resumes_exactly(tmp_path, capsys):
     result = _train(tmp_path, "a", "--steps", "3", "--stop-at", "2")
     assert np.isfinite(result["final_loss"])
     assert files.load_state(tmp_path / "a.pt")["step"] == 2
-    model = Z.build_scenes_rn()
+    model = build_model(zoo_config("scenes-rn"))
     model.load_state_dict(Z.load_state_dict_file(tmp_path / "a.safetensors"))  # strict: exported keys are the model's
     # another learning rate would not end where an uninterrupted run does: refused, naming the option
     with pytest.raises(RunMismatchError, match=r"(?s)config\.lr: found 0\.002, expected 0\.001.*--fresh.*--new-opt"):

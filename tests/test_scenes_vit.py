@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import nha_plugin as nha
 from nha_plugin import scenes as S
-from nha_plugin.zoo import _zoo as Z
+from nha_plugin.zoo import bundled as Z
 from nha_plugin.zoo import train_scenes_rn as T
 from nha_plugin.zoo import train_scenes_vit as TV
 

@@ -346,7 +346,7 @@ def test_segment_cli_orients_pairs_with_dataset_pc0_signs(scenes_rn, tmp_path):
     from nha_plugin.cli import segment as segment_cli
     from nha_plugin.scenes import SceneDataset
     from nha_plugin.stats import collect
-    from nha_plugin.zoo._scenes_rn import images_to_tensor
+    from nha_plugin.zoo import images_to_tensor
     model = scenes_rn[0]
     x = images_to_tensor(np.stack([s.image for s in SceneDataset(6, seed=1)]))
     stats = collect(model, [x[:3], x[3:]], k=2, progress=False)

@@ -83,7 +83,7 @@ def _load_model(name: str, pretrained: Optional[str], device: str, precision: st
     ``pretrained`` may name another weights file of the same architecture (e.g. a training run's export)."""
     import nha_plugin as nha
     from ..models import PRECISIONS
-    from ..zoo._zoo import MODELS, load_zoo_model
+    from ..zoo import MODELS, load_zoo_model
     if name in MODELS and pretrained is not None:
         model, _, tokenizer = load_zoo_model(name, weights=pretrained)
         return model.to(device=device, dtype=PRECISIONS[precision]).eval(), tokenizer
@@ -105,7 +105,7 @@ def _weights_hash(name: str, pretrained: Optional[str]) -> Optional[str]:
     """sha256 (first 16 hex digits) of the weights file a result came from, when there is one."""
     import hashlib
 
-    from ..zoo._zoo import MODELS, weights_path, zoo_config
+    from ..zoo import MODELS, weights_path, zoo_config
     path = Path(pretrained) if pretrained and Path(pretrained).is_file() else (
         weights_path(zoo_config(name)) if name in MODELS else None)
     if path is None or not path.is_file():

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..zoo._zoo import images_to_tensor
+from ..zoo import images_to_tensor
 
 __all__ = ["BenchItem", "load_benchmark_data", "items_to_tensor"]
 

@@ -117,7 +117,7 @@ def scene_statistics(model: nn.Module, n: int = 300, seed: int = 777, batch: int
     concepts present in each: a bool matrix (n, len(planted_concepts()))."""
     from ..scenes import SceneDataset
     from ..models import decompose
-    from ..zoo._scenes_rn import images_to_tensor
+    from ..zoo import images_to_tensor
     concepts = planted_concepts()
     scenes = SceneDataset(n, seed=seed)
     coeffs, present = [], torch.zeros(n, len(concepts), dtype=torch.bool)
@@ -190,8 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the full result here")
     args = p.parse_args(argv)
     if args.weights:
-        from ..zoo._scenes_rn import load_scenes_rn
-        model, _, tokenizer = load_scenes_rn(weights=args.weights)
+        from ..zoo import load_zoo_model
+        model, _, tokenizer = load_zoo_model("scenes-rn", weights=args.weights)
     else:
         import nha_plugin as nha
         model, _, tokenizer = nha.load_clip(args.model)

@@ -46,7 +46,7 @@ def images_to_input(images: Union[np.ndarray, Sequence[np.ndarray]], size: Seque
         from PIL import Image
         x = torch.stack([preprocess(Image.fromarray(im)) for im in images])
     else:
-        from ..zoo._zoo import images_to_tensor
+        from ..zoo import images_to_tensor
         x = images_to_tensor(np.asarray(images))
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from nha_plugin import scenes as S
 from nha_plugin.files import CorruptFileError, atomic_path, save_state
 from nha_plugin.runs import RunMismatchError
-from nha_plugin.zoo._zoo import MODELS, build_model, images_to_tensor, load_zoo_model, weights_path, zoo_config
+from nha_plugin.zoo.bundled import MODELS, build_model, images_to_tensor, load_zoo_model, weights_path, zoo_config
 from nha_plugin.zoo.checkpoint import load_checkpoint, save_checkpoint, set_rng_state, training_key
 
 TRAIN_SEED = 0

@@ -6,7 +6,7 @@ plain ``open_clip.model.CLIP`` built from the config, so every open_clip code pa
 ``scenes-rn`` has a ``ModifiedResNet`` image tower, ``scenes-vit`` a ``VisionTransformer``.
 
 Example:
-    >>> from nha_plugin.zoo._zoo import load_zoo_model
+    >>> from nha_plugin.zoo.bundled import load_zoo_model
     >>> model, preprocess, tokenizer = load_zoo_model("scenes-vit")
     >>> type(model.visual).__name__
     'VisionTransformer'
