@@ -11,13 +11,13 @@ paper's 1000 ImageNet images); k = 5 pairs, 5 neurons, 1 head; CLIP's 80 ImageNe
 permutations. Ablations (seed 0): signs and PC0s fitted on the reference year instead (``--fit reference``),
 unsigned pairs (``--unsigned``), and k = 20 pairs.
 
-Writes benchmarks/results/shift_scenes_rn.{json,md,png}; each run's JSON is kept under --work so a killed run
-resumes where it stopped.
+Writes benchmarks/results/shift_scenes_rn.{json,md,png}. Each run keeps its report and its run folder
+(``<name>.parts``, see ``nha shift``) under --work, so a killed benchmark resumes where it stopped; --fresh
+recomputes every run.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,9 +31,26 @@ ABLATIONS = {"fit on the reference year (paper's sign rule there)": ["--fit", "r
              "k = 20 pairs": ["--k", "20"]}
 
 
-def _shift_args(concept: str, seed: int, out: Path, name: str, n: int, fit: int, perms: int, extra=()) -> list:
-    return ["shift", "--concept", concept, "--seed", str(seed), "--n-per-group", str(n), "--fit-images", str(fit),
-            "--permutations", str(perms), "--out", str(out), "--name", name, "--quiet", *extra]
+def _run_shift(concept: str, seed: int, work: Path, name: str, sizes: tuple, extra: list, fresh: bool,
+               commands: list) -> dict:
+    """Run ``nha shift`` for one concept and seed into ``work`` (resuming its saved parts unless ``fresh``), note
+    the command in ``commands`` and return the run of its report.
+
+    Args:
+        sizes: (images per year, fit images, MMD permutations).
+        extra: more ``nha shift`` options (the ablations).
+    """
+    from nha_plugin.cli.shift import main as shift_main
+    from nha_plugin.files import read_json
+
+    n, fit, perms = sizes
+    cmd = ["shift", "--concept", concept, "--seed", str(seed), "--n-per-group", str(n), "--fit-images", str(fit),
+           "--permutations", str(perms), "--out", str(work), "--name", name, "--quiet", *extra]
+    commands.append("nha " + " ".join(cmd).replace(str(work), "WORK"))
+    status = shift_main(cmd + ["--fresh"] * fresh)
+    if status != 0:
+        raise SystemExit(f"shift_scenes: 'nha {' '.join(cmd)}' failed (exit {status}); see the error above")
+    return read_json(work / f"{name}.json")["runs"][0]
 
 
 def _summary_rows(runs: list) -> list:
@@ -46,13 +63,13 @@ def _summary_rows(runs: list) -> list:
 
 
 def _markdown_summary(title: str, rows: list) -> list:
-    from nha_plugin.applications.shift import METHOD_LABELS, METHODS, _f
+    from nha_plugin.applications.shift.report import METHOD_LABELS, METHODS, fmt
     lines = [f"### {title}", "",
              "| concept | seed | " + " | ".join(f"r/image {METHOD_LABELS[m]}" for m in METHODS) + " | "
              + " | ".join(f"r/group {METHOD_LABELS[m]}" for m in METHODS) + " |", "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['concept']} | {r['seed']} | " + " | ".join(_f(r["per_image_r"][m]) for m in METHODS)
-                     + " | " + " | ".join(_f(r["group_mean_r"][m]) for m in METHODS) + " |")
+        lines.append(f"| {r['concept']} | {r['seed']} | " + " | ".join(fmt(r["per_image_r"][m]) for m in METHODS)
+                     + " | " + " | ".join(fmt(r["group_mean_r"][m]) for m in METHODS) + " |")
     return lines + [""]
 
 
@@ -60,33 +77,30 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small n, into --work only (no result files)")
     p.add_argument("--work", default=str(Path(os.environ.get("NHA_CACHE_DIR", Path.home() / ".cache" / "nha_plugin"))
-                                         / "shift_scenes_rn"), help="scratch folder (per-run JSON, resumable)")
+                                         / "shift_scenes_rn"),
+                   help="scratch folder (per-run reports and run folders, resumable)")
     p.add_argument("--out", default=str(ROOT / "results"), help="where shift_scenes_rn.{json,md,png} go")
+    p.add_argument("--fresh", action="store_true", help="recompute every run (discard the saved parts in --work)")
     args = p.parse_args(argv)
 
     from nha_plugin.applications.shift import write_report
-    from nha_plugin.cli.shift import main as shift_main
+    from nha_plugin.files import write_text
 
-    n, fit, perms = (24, 64, 50) if args.quick else (200, 500, 500)
+    sizes = (24, 64, 50) if args.quick else (200, 500, 500)
+    n, fit, perms = sizes
     work = Path(args.work) / ("quick" if args.quick else "full")
     t0 = time.time()
     runs, commands = [], []
     for seed in SEEDS:
         for concept in CONCEPTS:
             name = f"{concept}-seed{seed}"
-            cmd = _shift_args(concept, seed, work, name, n, fit, perms)
-            commands.append("nha " + " ".join(cmd).replace(str(work), "WORK"))
-            shift_main(cmd)
-            runs.append(json.loads((work / f"{name}.json").read_text())["runs"][0])
+            runs.append(_run_shift(concept, seed, work, name, sizes, [], args.fresh, commands))
     ablations = {}
     for title, extra in ABLATIONS.items():
         found = []
         for concept in CONCEPTS:
             name = f"{concept}-seed0-{'-'.join(e.strip('-') for e in extra)}"
-            cmd = _shift_args(concept, 0, work, name, n, fit, perms, extra)
-            commands.append("nha " + " ".join(cmd).replace(str(work), "WORK"))
-            shift_main(cmd)
-            found.append(json.loads((work / f"{name}.json").read_text())["runs"][0])
+            found.append(_run_shift(concept, 0, work, name, sizes, extra, args.fresh, commands))
         ablations[title] = {"protocol": found[0]["protocol"], "rows": _summary_rows(found)}
     seconds = time.time() - t0
     if args.quick:
@@ -108,9 +122,7 @@ def main(argv=None) -> int:
         _summary_rows(runs))
     for title, ab in ablations.items():
         summary += _markdown_summary(f"Ablation, seed 0: {title}", ab["rows"])
-    tmp = paths["md"].with_name(paths["md"].name + ".tmp")
-    tmp.write_text("\n".join(summary + md) + "\n")
-    os.replace(tmp, paths["md"])
+    write_text(paths["md"], "\n".join(summary + md) + "\n")
     print("wrote " + ", ".join(str(v) for v in paths.values()))
     return 0
 

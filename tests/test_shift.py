@@ -1,7 +1,10 @@
-"""Distribution-shift monitor: concept units and scores against dense references, statistics against scipy /
-scikit-learn / brute force, two-sample tests under no shift and a planted shift, and ``nha shift`` end to end."""
+"""Distribution-shift monitor: concept units and scores against dense references, ``run_monitor`` on planted
+years, resuming a killed run to the same numbers, and ``nha shift`` end to end: reports, resume, refusal of another
+configuration, ``--fresh``, and planted pickles that never execute. (The statistics: test_two_sample.py.)"""
 import csv
 import json
+import math
+import pickle
 
 import numpy as np
 import pytest
@@ -9,13 +12,12 @@ import torch
 import torch.nn.functional as F
 
 import nha_plugin as nha
+from nha_plugin import files, runs
 from nha_plugin.adapters import get_spec
 from nha_plugin.applications import shift as S
 from nha_plugin.cli.shift import main as shift_main
 from nha_plugin.pool import pair_directions
 from conftest import assert_topk_selection, images_for
-
-stats = pytest.importorskip("scipy.stats")
 
 
 # ---- units and scores --------------------------------------------------------------------------------------
@@ -84,99 +86,6 @@ def test_neuron_and_head_directions_are_their_contributions_pc0(tiny_case):
     assert torch.equal(dirs.pair_signs, S.pc0_signs(coeffs))
 
 
-# ---- statistics ----------------------------------------------------------------------------------------------
-def test_point_biserial_matches_scipy():
-    rng = np.random.default_rng(0)
-    present = rng.random(80) < 0.3
-    scores = rng.normal(size=80) + 1.5 * present
-    assert S.point_biserial(scores, present) == pytest.approx(stats.pointbiserialr(present, scores)[0], abs=1e-12)
-    assert np.isnan(S.point_biserial(scores, np.zeros(80, bool)))
-    assert np.isnan(S.point_biserial(np.ones(80), present))
-
-
-def test_group_summary_means_shares_and_correlation():
-    rng = np.random.default_rng(1)
-    groups = np.repeat([2019, 2018, 2020], 30)
-    present = rng.random(90) < np.repeat([0.2, 0.1, 0.6], 30)
-    scores = rng.normal(size=90) + present
-    out = S.group_summary(scores, present, groups)
-    assert [r["group"] for r in out["groups"]] == [2018, 2019, 2020]
-    means = [scores[groups == y].mean() for y in (2018, 2019, 2020)]
-    shares = [present[groups == y].mean() for y in (2018, 2019, 2020)]
-    assert [r["mean"] for r in out["groups"]] == pytest.approx(means, abs=1e-12)
-    assert [r["share"] for r in out["groups"]] == pytest.approx(shares, abs=1e-12)
-    assert out["r"] == pytest.approx(np.corrcoef(means, shares)[0, 1], abs=1e-12)
-
-
-def test_mmd_equals_brute_force():
-    rng = np.random.default_rng(2)
-    x, y = rng.normal(size=(9, 3)), rng.normal(size=(12, 3)) + 0.5
-    z = np.concatenate([x, y])
-    dists = [np.linalg.norm(z[i] - z[j]) for i in range(len(z)) for j in range(i + 1, len(z))]
-    sigma = float(np.median(dists))
-    assert S.median_bandwidth(x, y) == pytest.approx(sigma, rel=1e-12)
-    k = lambda a, b: np.exp(-np.sum((a - b) ** 2) / (2 * sigma ** 2))   # noqa: E731
-    m, n = len(x), len(y)
-    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
-    assert S.mmd2_unbiased(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
-    assert S.mmd_test(x, y, n_permutations=50, seed=0)["statistic"] == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
-
-
-def _null_and_shift(seed, n=40, dim=4, shift=0.0):
-    """Two samples from the same generator with two seeds; ``shift`` moves the second one's mean."""
-    a = np.random.default_rng((seed, 0)).normal(size=(n, dim))
-    b = np.random.default_rng((seed, 1)).normal(size=(n, dim)) + shift
-    return a, b
-
-
-def test_two_sample_tests_hold_level_under_no_shift_and_detect_a_planted_shift():
-    p_mmd, p_ks, p_c2 = [], [], []
-    for seed in range(30):
-        a, b = _null_and_shift(seed)
-        p_mmd.append(S.mmd_test(a, b, n_permutations=99, seed=seed)["p_value"])
-        p_ks.append(S.ks_test(a[:, 0], b[:, 0])["p_value"])
-        p_c2.append(S.classifier_test(a, b, seed=seed)["p_value"])
-    for name, ps in (("mmd", p_mmd), ("ks", p_ks), ("c2st", p_c2)):
-        ps = np.asarray(ps)
-        assert 0.3 < ps.mean() < 0.75, (name, ps.mean())
-        assert (ps < 0.05).mean() <= 0.2, (name, ps)
-    a, b = _null_and_shift(99, n=60, shift=0.8)
-    assert S.mmd_test(a, b, n_permutations=199, seed=0)["p_value"] < 0.01
-    assert S.ks_test(a[:, 0], b[:, 0])["p_value"] < 0.01
-    assert S.classifier_test(a, b, seed=0)["p_value"] < 0.01
-    assert S.mmd_test(a, b, n_permutations=99, seed=5) == S.mmd_test(a, b, n_permutations=99, seed=5)
-
-
-@pytest.mark.parametrize("m,n,shift", [(7, 5, 0.0), (30, 30, 0.6), (40, 73, 0.2), (120, 90, 0.4)])
-def test_ks_matches_scipy_exact(m, n, shift):
-    rng = np.random.default_rng(m * n)
-    a, b = rng.normal(size=m), rng.normal(size=n) + shift
-    ref = stats.ks_2samp(a, b, method="exact")
-    got = S.ks_test(a, b)
-    assert got["statistic"] == pytest.approx(ref.statistic, abs=1e-15)
-    assert got["p_value"] == pytest.approx(ref.pvalue, rel=1e-8, abs=1e-14)
-    tied = np.round(a, 1), np.round(b, 1)
-    assert S.ks_statistic(*tied) == pytest.approx(stats.ks_2samp(*tied).statistic, abs=1e-15)
-
-
-@pytest.mark.parametrize("k,n", [(0, 10), (6, 10), (31, 50), (70, 100), (100, 100)])
-def test_binomial_sf_matches_scipy(k, n):
-    assert S.binomial_sf(k, n) == pytest.approx(stats.binomtest(k, n, 0.5, alternative="greater").pvalue, rel=1e-10)
-
-
-def test_logistic_fit_matches_scikit_learn():
-    lm = pytest.importorskip("sklearn.linear_model")
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(80, 4))
-    y = (x[:, 0] - 0.5 * x[:, 2] + rng.normal(size=80) > 0).astype(float)
-    l2 = 0.05
-    w, b = S._fit_logistic(torch.tensor(x), torch.tensor(y), l2)
-    ref = lm.LogisticRegression(C=1.0 / (l2 * len(x)), tol=1e-10, max_iter=10000).fit(x, y)
-    assert np.allclose(w.numpy(), ref.coef_[0], atol=1e-5) and abs(float(b) - ref.intercept_[0]) < 1e-5
-
-
 # ---- end to end on scenes-rn ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def scenes_rn():
@@ -210,15 +119,15 @@ def test_cli_scenes_writes_reports_and_resumes(tmp_path):
     run = report["runs"][0]
     assert run["concepts"]["shape:star"]["text"] == "star" and run["protocol"]["groups"] == [2018, 2019]
     assert (tmp_path / "t.png").stat().st_size > 0 and "| 2019 | 10 | 0.600 |" in (tmp_path / "t.md").read_text()
-    part = next((tmp_path / "t.parts").glob("*.json"))
-    cached = json.loads(part.read_text())
+    part = tmp_path / "t.parts" / "shape-star-seed0-result.part.safetensors"
+    cached = files.load_state(part)
     cached["protocol"]["data"] = "FROM THE PART FILE"
-    part.write_text(json.dumps(cached))
+    files.save_state(part, cached)
     assert shift_main(args) == 0
     assert "FROM THE PART FILE" in (tmp_path / "t.md").read_text()
 
 
-def test_cli_stanford_cars_fake_tree(tmp_path):
+def test_cli_stanford_cars_fake_tree(tmp_path, capsys):
     from PIL import Image
     rng = np.random.default_rng(0)
     rows = []
@@ -241,6 +150,150 @@ def test_cli_stanford_cars_fake_tree(tmp_path):
     assert [g["share"] for g in run["concepts"]["yellow"]["groups"]] == [0.25, 0.75]
     assert [g["share"] for g in run["concepts"]["even"]["groups"]] == [0.5, 0.5]
     assert "reference group 2011" in run["protocol"]["pair_signs"]
+    rows[0][1] = "black" if rows[0][1] == "yellow" else "yellow"    # relabelled data in this folder: another run
+    with open(tmp_path / "colours.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "colour", "even"]] + rows)
+    capsys.readouterr()
+    assert shift_main(args) == 2
+    assert "data.images: found" in _error_line(capsys)
     with pytest.raises(SystemExit, match="CONCEPT=COLUMN"):
         shift_main(["shift", "--dataset", "stanford-cars", "--root", str(tmp_path / "cars"), "--colours",
                     str(tmp_path / "colours.csv"), "--concept", "even", "--presence", "nope", "--quiet"])
+
+
+# ---- resuming, refusing, planted pickles ---------------------------------------------------------------------
+def _assert_close_trees(a, b, where="", rel=1e-12):
+    """Two result trees agree: same structure, equal strings and integers, floats within ``rel`` of their size."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and list(a) == list(b), where
+        for k in b:
+            _assert_close_trees(a[k], b[k], f"{where}/{k}", rel)
+    elif isinstance(b, list):
+        assert isinstance(a, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close_trees(x, y, f"{where}[{i}]", rel)
+    elif isinstance(b, float):
+        assert isinstance(a, float), (where, a, b)
+        both_nan = math.isnan(a) and math.isnan(b)
+        assert both_nan or a == pytest.approx(b, rel=rel, abs=1e-300), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_killed_run_resumes_to_the_same_numbers(scenes_rn, tmp_path, monkeypatch):
+    from nha_plugin.scenes import years
+    model, preprocess, tokenizer = scenes_rn
+    data = S.ShiftData.from_sampler(years(("colour", "yellow"), shares=(0.1, 0.5, 0.8), n_per_group=6, seed=2),
+                                    "yellow")
+    kw = dict(k=3, n_permutations=15, batch_size=4, progress=False, part="y-")
+    key = runs.run_key({"k": 3}, data="years yellow seed 2", weights=runs.module_fingerprint(model))
+    straight = S.run_monitor(model, preprocess, tokenizer, data, {"yellow": "yellow"},
+                             run=runs.RunDir(tmp_path / "straight", key), **kw)
+    assert runs.RunDir(tmp_path / "straight", key).parts() == ["y-fit", "y-group0", "y-group1", "y-group2",
+                                                               "y-result"]
+
+    saved, save_part = [], runs.RunDir.save_part
+
+    def killed_after_two(self, name, tree):
+        if len(saved) == 2:
+            raise KeyboardInterrupt("killed")
+        saved.append(name)
+        return save_part(self, name, tree)
+
+    monkeypatch.setattr(runs.RunDir, "save_part", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        S.run_monitor(model, preprocess, tokenizer, data, {"yellow": "yellow"}, run=runs.RunDir(tmp_path / "b", key),
+                      **kw)
+    monkeypatch.setattr(runs.RunDir, "save_part", save_part)
+    assert saved == ["y-fit", "y-group0"]
+    inodes = {n: (tmp_path / "b" / f"{n}.part.safetensors").stat().st_ino for n in saved}
+    resumed = S.run_monitor(model, preprocess, tokenizer, data, {"yellow": "yellow"},
+                            run=runs.RunDir(tmp_path / "b", key), **kw)
+    # the parts saved before the kill were read, not recomputed (a rewrite replaces the file)
+    assert {n: (tmp_path / "b" / f"{n}.part.safetensors").stat().st_ino for n in saved} == inodes
+    _assert_close_trees(resumed, straight)
+
+
+@pytest.fixture
+def cached_clip(scenes_rn, monkeypatch):
+    """``nha shift`` with scenes-rn loaded once (the CLI calls ``nha.load_clip`` on every run)."""
+    monkeypatch.setattr(nha, "load_clip", lambda *a, **k: scenes_rn)
+
+
+def _star_args(out, *extra):
+    return ["shift", "--concept", "shape:star", "--shares", "0.1,0.6", "--n-per-group", "6", "--permutations",
+            "10", "--fit-images", "8", "--k", "3", "--out", str(out), "--name", "t", "--quiet", *extra]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_cli_refuses_another_configuration_and_fresh_starts_over(cached_clip, tmp_path, capsys):
+    assert shift_main(_star_args(tmp_path)) == 0
+    first = json.loads((tmp_path / "t.json").read_text())["runs"][0]
+    capsys.readouterr()
+    assert shift_main(_star_args(tmp_path, "--k", "4", "--seed", "1")) == 2
+    err = _error_line(capsys)
+    assert "config.k: found 3, expected 4" in err and "config.seeds: found [0], expected [1]" in err
+    assert "--fresh" in err and str(tmp_path / "t.parts") in err
+    assert json.loads((tmp_path / "t.json").read_text())["runs"][0] == first      # nothing was overwritten
+    assert shift_main(_star_args(tmp_path, "--k", "4", "--seed", "1", "--fresh")) == 0
+    again = json.loads((tmp_path / "t.json").read_text())["runs"][0]
+    assert again["protocol"]["k"] == 4 and again["protocol"]["seed"] == 1
+    assert len(again["concepts"]["shape:star"]["units"]["pairs"]) == 4
+    assert sorted(p.name for p in (tmp_path / "t.parts").glob("*.part.safetensors")) == [
+        "scenes-fit.part.safetensors", "shape-star-seed1-group0.part.safetensors",
+        "shape-star-seed1-group1.part.safetensors", "shape-star-seed1-result.part.safetensors"]
+
+
+class _Evil:
+    """Unpickling this creates ``marker``: a stand-in for arbitrary code run by ``pickle.load``/``torch.load``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_cli_never_unpickles_a_planted_pickle(cached_clip, tmp_path, capsys):
+    out, marker = tmp_path / "o", tmp_path / "EXECUTED"
+    payloads = {"pickle": pickle.dumps({"x": _Evil(marker)}), "torch.save": None}
+    buf = tmp_path / "evil.pt"
+    torch.save({"x": _Evil(marker)}, buf)
+    payloads["torch.save"] = buf.read_bytes()
+    assert not marker.exists()
+    # a fresh folder whose run.json is a pickle
+    (out / "t.parts").mkdir(parents=True)
+    (out / "t.parts" / "run.json").write_bytes(payloads["pickle"])
+    assert shift_main(_star_args(out)) == 2
+    assert "run.json" in _error_line(capsys) and not marker.exists()
+    assert shift_main(_star_args(out, "--fresh")) == 0
+    capsys.readouterr()
+    good = {p: p.read_bytes() for p in (out / "t.parts").iterdir()}
+    results = [p for p in good if p.name.endswith("-result.part.safetensors")]
+    # every file the command reads: each part (the finished result removed, so that the stages are read) and run.json
+    for path in good:
+        for kind, payload in payloads.items():
+            for p, data in good.items():
+                p.write_bytes(data)
+            for p in results:
+                if p != path:
+                    p.unlink()
+            path.write_bytes(payload)
+            assert shift_main(_star_args(out)) == 2, (path.name, kind)
+            err = _error_line(capsys)
+            assert path.name in err and ("never unpickled" in err or "not valid JSON" in err), err
+            assert not marker.exists(), (path.name, kind)
+    # files it only writes, and names an older version read or a user might drop there: overwritten or ignored
+    for p, data in good.items():
+        p.write_bytes(data)
+    planted = [out / "t.json", out / "t.md", out / "t.png", out / "t.parts" / "shape-star-seed0-0123456789abcdef.json",
+               out / "t.parts" / "checkpoint.pt", out / "t.parts" / "scores.pkl", out / "t.parts" / "group0.npy"]
+    for path in planted:
+        path.write_bytes(payloads["pickle"])
+    assert shift_main(_star_args(out)) == 0 and not marker.exists()
+    assert json.loads((out / "t.json").read_text())["runs"][0]["protocol"]["k"] == 3

@@ -1,5 +1,8 @@
 """Stanford Cars loader on tiny fake trees written by the tests (devkit .mat files and class folders)."""
 import csv
+import hashlib
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -134,3 +137,25 @@ def test_missing_layout_is_explained(tmp_path):
     (tmp_path / "train" / "No Year Here").mkdir(parents=True)
     with pytest.raises(ValueError, match="model year"):
         StanfordCars(tmp_path)
+
+
+def test_fingerprint_follows_files_and_labels_not_the_folder(devkit_tree, tmp_path):
+    csv_path = _write_csv(tmp_path / "colours.csv", ["image", "colour"], [["cars_train/00001.jpg", "white"]])
+    cars = StanfordCars(devkit_tree, split="train", colours=csv_path)
+    root = devkit_tree / "stanford_cars"
+    rows = [[f"cars_train/{f}", (root / "cars_train" / f).stat().st_size, CLASSES[c - 1], list(box),
+             "white" if i == 0 else None, []] for i, (f, c, box) in enumerate(TRAIN)]
+    before = cars.fingerprint()
+    assert before == hashlib.sha256(json.dumps(rows).encode()).hexdigest()               # the documented recipe
+    assert cars.fingerprint([2, 0]) == hashlib.sha256(json.dumps([rows[2], rows[0]]).encode()).hexdigest()
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(devkit_tree / "stanford_cars", moved / "stanford_cars")
+    assert StanfordCars(moved, split="train", colours=csv_path).fingerprint() == before
+    relabelled = _write_csv(tmp_path / "other.csv", ["image", "colour"], [["cars_train/00001.jpg", "black"]])
+    assert StanfordCars(devkit_tree, split="train", colours=relabelled).fingerprint() != before
+    replaced = root / "cars_train" / "00002.jpg"
+    replaced.write_bytes(replaced.read_bytes() + b"another image")
+    assert StanfordCars(devkit_tree, split="train", colours=csv_path).fingerprint() != before
+    (root / "cars_train" / "00003.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="00003.jpg"):
+        StanfordCars(devkit_tree, split="train").fingerprint()

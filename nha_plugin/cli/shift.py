@@ -9,17 +9,20 @@
 Scenes: each concept is planted by ``nha_plugin.scenes.years`` (exact shares per year);
 ``--concept yellow`` finds the attribute (colour, shape, category, background) or give it: ``colour:yellow``.
 Stanford Cars: groups are model years; presence is ``colour label == concept`` unless ``--presence
-CONCEPT=COLUMN`` reads a 0/1 column of the colours CSV. Writes ``<name>.json``, ``.md`` and ``.png`` to --out;
-each (concept, seed) run is saved under ``<name>.parts/`` as it finishes, so a killed run resumes.
+CONCEPT=COLUMN`` reads a 0/1 column of the colours CSV. Writes ``<name>.json``, ``.md`` and ``.png`` to --out.
+
+Resuming: ``<name>.parts/`` is a run folder (:class:`nha_plugin.runs.RunDir`) keyed by every option that changes
+results, the data's identity (a probe of the generated scenes; the Stanford Cars files, sizes and labels) and the
+weights' fingerprint. Each (concept, seed) run saves its fit, each group's embeddings and scores, and its result
+there as they finish, so a killed run resumes with the same numbers; a folder holding another run is refused
+(one line naming each differing field, exit 2) unless ``--fresh`` starts over.
 
 Wire into the ``nha`` parser with :func:`add_parser` and dispatch with :func:`run`.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -78,6 +81,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default="shift_out", help="output folder")
     p.add_argument("--name", default="shift", help="file stem of the outputs")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the saved parts of an earlier run in --out/<name>.parts and start over")
     p.add_argument("--cache-dir", default=None, help="text-embedding cache (default ~/.cache/nha_plugin/text)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -151,10 +156,12 @@ def _presence_columns(args, concepts: dict) -> dict:
     return columns
 
 
-def _cars_data(args, concepts: dict):
-    from ..datasets.stanford_cars import StanfordCars
-    from ..applications.shift import ShiftData
+def _cars_data(args, concepts: dict) -> tuple:
+    """(the Stanford Cars images to monitor as ShiftData, their identity for the run key)."""
     import numpy as np
+
+    from ..applications.shift import ShiftData
+    from ..datasets.stanford_cars import StanfordCars
 
     columns = _presence_columns(args, concepts)
     ds = StanfordCars(args.root, split=args.split, colours=args.colours)
@@ -176,43 +183,76 @@ def _cars_data(args, concepts: dict):
     if not args.quiet:
         print(f"stanford-cars {args.split}: {len(ds)} images, {len(idx)} kept ({(~keep).sum()} without a label or "
               f"in years with < {args.min_group_size} images: {small})", file=sys.stderr)
-    return ShiftData(groups=years[idx], presence={c: p[idx] for c, p in presence.items()},
+    data = ShiftData(groups=years[idx], presence={c: p[idx] for c, p in presence.items()},
                      load=lambda k: ds.image(int(idx[k])),
                      name=f"Stanford Cars {args.split} ({args.root}), colours {args.colours}",
                      presence_rule=rules)
+    return data, {"dataset": "stanford-cars", "images": ds.fingerprint(idx)}
 
 
-def _fingerprint(args, extra: dict) -> str:
-    keys = ("model", "pretrained", "dataset", "shares", "n_per_group", "start", "root", "split", "colours",
-            "presence", "min_group_size", "reference", "k", "k_neurons", "k_heads", "templates", "stats",
-            "unsigned", "fit", "fit_images", "permutations")
-    blob = json.dumps({**{k: getattr(args, k) for k in keys}, **extra}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+RUN_VERSION = 1
+# the options that change results; output paths, --device, --batch-size, --cache-dir and --quiet do not
+# (float rounding aside), and the data files and a --stats file enter the key by content, not by path
+CONFIG_KEYS = ("model", "pretrained", "dataset", "shares", "n_per_group", "start", "split", "presence",
+               "min_group_size", "reference", "k", "k_neurons", "k_heads", "templates", "fit", "fit_images",
+               "permutations")
 
 
-def _cached_run(parts: Path, key: str, compute) -> dict:
-    """Reuse ``parts/<key>.json`` from an earlier (killed) run with the same settings, else compute and save it."""
-    path = parts / f"{key}.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:     # a torn file from a killed writer is recomputed
-            pass
-    result = compute()
-    parts.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
-    return result
+def _sampler(args, planted: tuple, seed: int):
+    """The scenes' "years" sampler of one planted (attribute, value) and seed."""
+    from ..scenes import years
+    return years(planted, shares=args.shares, start=args.start, n_per_group=args.n_per_group, seed=seed)
+
+
+def _scene_probe(args, planted: dict, seeds: list, fit: str) -> str:
+    """Fingerprint of the first scene of every sampler the run reads (and of the first fit scene), so a changed
+    scene generator never resumes a run of the old scenes."""
+    from ..applications.shift import ShiftData
+    from ..runs import images_fingerprint
+
+    images = [_sampler(args, planted[c], s).scene(args.start, 0).image for c in planted for s in seeds]
+    if fit == "scenes":
+        images.append(ShiftData.from_scenes(args.fit_images).load(0))
+    return images_fingerprint(images)
+
+
+def _run_key(args, model, concepts: dict, seeds: list, fit: str, signs, data_identity: dict) -> dict:
+    """The run's key: every option that changes results, the data's identity and the weights' fingerprint."""
+    from ..runs import module_fingerprint, run_key, tensor_fingerprint, texts_fingerprint
+    from ..text import get_templates
+
+    config = {k: getattr(args, k) for k in CONFIG_KEYS}
+    config.update(fit=fit, concepts=concepts, seeds=seeds,
+                  template_texts=texts_fingerprint(get_templates(args.templates) or []),
+                  pair_signs=signs if signs is None or isinstance(signs, str) else tensor_fingerprint(signs))
+    return run_key(config, data=data_identity, weights=module_fingerprint(model), version=RUN_VERSION)
+
+
+def _part_prefix(concept: str, seed: int) -> str:
+    """``"shape:star", 0`` -> ``"shape-star-seed0-"``: a concept's run's part names in the run folder."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", concept) + f"-seed{seed}-"
 
 
 def run(args) -> int:
-    """Execute a parsed ``shift`` command."""
+    """Execute a parsed ``shift`` command; 2 (after one line on stderr) when --out holds another run or a damaged
+    file."""
+    from ..files import CorruptFileError
+    from ..runs import RunMismatchError
+
+    try:
+        return _run(args)
+    except (RunMismatchError, CorruptFileError) as e:
+        print("nha shift: error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     import torch
 
     import nha_plugin as nha
     from ..adapters import get_spec
     from ..applications.shift import ShiftData, run_monitor, write_report
+    from ..runs import RunDir
 
     if args.dataset == "scenes" and not args.concept:
         args.concept = list(DEFAULT_SCENE_CONCEPTS)
@@ -220,6 +260,7 @@ def run(args) -> int:
         raise SystemExit("nha shift: give at least one --concept")
     seeds = args.seed or [0]
     concepts = _concept_texts(args)
+    fit = args.fit or ("scenes" if args.dataset == "scenes" else "reference")
     if args.dataset == "scenes":
         planted = {c: scene_concept(c) for c in concepts}          # fail on a typo before loading anything
         if len(args.shares) < 2 or not all(0.0 <= s <= 1.0 for s in args.shares):
@@ -229,40 +270,40 @@ def run(args) -> int:
     torch.manual_seed(0)
     model, preprocess, tokenizer = nha.load_clip(args.model, pretrained=args.pretrained, device=args.device)
     signs = _pair_signs(args, get_spec(model))
+    if args.dataset == "scenes":
+        identity = {"dataset": "scenes", "scene_probe": _scene_probe(args, planted, seeds, fit)}
+    else:
+        cars, identity = _cars_data(args, concepts)
+        if fit == "scenes":
+            identity["scene_probe"] = _scene_probe(args, {}, [], fit)
     out = Path(args.out)
-    parts = out / f"{args.name}.parts"
-    fit = args.fit or ("scenes" if args.dataset == "scenes" else "reference")
+    run_dir = RunDir(out / f"{args.name}.parts", _run_key(args, model, concepts, seeds, fit, signs, identity),
+                     fresh=args.fresh)
     fit_data = ShiftData.from_scenes(args.fit_images) if fit == "scenes" else None
     common = dict(fit_data=fit_data, k=args.k, k_neurons=args.k_neurons, k_heads=args.k_heads,
                   templates=None if args.templates == "none" else args.templates, n_permutations=args.permutations,
                   fit_images=args.fit_images, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                  progress=not args.quiet, pair_signs=signs)
+                  progress=not args.quiet, pair_signs=signs, run=run_dir,
+                  fit_part="scenes-fit" if fit == "scenes" else None)
     reference = None if args.reference is None else (int(args.reference) if args.reference.lstrip("-").isdigit()
                                                       else args.reference)
-    runs = []
+    results = []
     for seed in seeds:
         if args.dataset == "scenes":
-            from ..scenes import years
             for concept, text in concepts.items():
-                def compute(concept=concept, text=text):
-                    sampler = years(planted[concept], shares=args.shares, start=args.start,
-                                    n_per_group=args.n_per_group, seed=seed)
-                    data = ShiftData.from_sampler(sampler, concept)
-                    return run_monitor(model, preprocess, tokenizer, data, {concept: text}, reference=reference,
-                                       seed=seed, **common)
-                key = f"{concept.replace(':', '-')}-seed{seed}-{_fingerprint(args, {'text': text, 'seed': seed})}"
-                runs.append(_cached_run(parts, key, compute))
+                data = ShiftData.from_sampler(_sampler(args, planted[concept], seed), concept)
+                results.append(run_monitor(model, preprocess, tokenizer, data,
+                                           {concept: text}, reference=reference, seed=seed,
+                                           part=_part_prefix(concept, seed), **common))
         else:
-            data = _cars_data(args, concepts)
-            key = f"cars-seed{seed}-{_fingerprint(args, {'concepts': concepts, 'seed': seed})}"
-            runs.append(_cached_run(parts, key, lambda: run_monitor(model, preprocess, tokenizer, data, concepts,
-                                                                     reference=reference, seed=seed, **common)))
+            results.append(run_monitor(model, preprocess, tokenizer, cars, concepts, reference=reference, seed=seed,
+                                       part=f"cars-seed{seed}-", **common))
     report = {"protocol": {"command": "nha shift " + " ".join(getattr(args, "argv", None) or sys.argv[2:]),
                            "model": args.model, "pretrained": args.pretrained, "dataset": args.dataset,
-                           "seeds": seeds}, "runs": runs}
+                           "seeds": seeds}, "runs": results}
     paths = write_report(report, out, args.name)
     if not args.quiet:
-        _print_summary(runs)
+        _print_summary(results)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -36,10 +36,12 @@ Example::
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -246,6 +248,25 @@ class StanfordCars:
     @property
     def years(self) -> List[int]:
         return [r.year for r in self.records]
+
+    def fingerprint(self, indices: Optional[Sequence[int]] = None) -> str:
+        """sha256 hex of what identifies the images ``indices`` (default all), in order: each one's path relative
+        to the dataset folder, file size, class name, box, colour label and extra CSV columns. File sizes stand in
+        for the pixels, which would take minutes to hash; a moved dataset keeps its fingerprint.
+
+        Raises:
+            FileNotFoundError: an image is missing.
+        """
+        rows = []
+        for i in range(len(self)) if indices is None else indices:
+            r = self.records[int(i)]
+            try:
+                size = r.path.stat().st_size
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"image {r.path} listed by the annotations is missing") from e
+            rows.append([r.path.relative_to(self.root).as_posix(), size, r.class_name, r.bbox, r.colour,
+                         sorted(r.extra.items())])
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     def by_year(self) -> Dict[int, List[int]]:
         """Model year -> indices of its images, years ascending."""
