@@ -198,7 +198,9 @@ def load_tensors(path: PathLike, device: Device = "cpu") -> Tuple[Dict[str, torc
         raise CorruptFileError(path, f"unreadable safetensors data ({e})", expected) from e
     if bad:
         raise CorruptFileError(path, f"the bytes of tensor {bad[0]!r} do not match their checksum", expected)
-    return {k: t.to(device) for k, t in tensors.items()}, meta
+    # fresh copies: safetensors hands out views at arbitrary byte offsets, and BLAS rounds unaligned inputs
+    # differently, so a resumed run would drift from an uninterrupted one in the last bits
+    return {k: t.to(device=device, copy=True) for k, t in tensors.items()}, meta
 
 
 def _flatten(x: Any, where: str, flat: Dict[str, torch.Tensor]) -> Any:

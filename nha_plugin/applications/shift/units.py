@@ -95,9 +95,7 @@ class UnitDirections:
     @classmethod
     def from_state(cls, state: dict) -> "UnitDirections":
         """The directions :meth:`to_state` stored."""
-        # tensors read from a safetensors file may sit at any offset; BLAS kernels then round differently than on
-        # a fresh (64-byte aligned) copy, and a resumed run would drift from an uninterrupted one in the last bit
-        return cls(**{k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()})
+        return cls(**state)
 
 
 def unit_directions(spec: AttentionPoolSpec, coefficients: Optional[Tensor] = None,
