@@ -1,13 +1,7 @@
-"""The exact neuron x head decomposition of CLIP-ResNet's attention pool.
+"""The exact neuron x head decomposition of CLIP-ResNet's attention pool, as one object per batch.
 
-With F the layer4 output (B, C, h, w) and p the positional embedding (T, C), the tokens are
-``z_0 = mean_t F_t + p_0`` and ``z_t = F_t + p_t``. For head h the class-token attention is
-``a[h, t] = softmax_t(q_h(z_0) . k_h(z_t) / sqrt(d))`` and, because ``sum_t a[h, t] = 1``::
-
-    y = beta + sum_{h,n} s[h,n] u[h,n]
-    s[h,n] = sum_t a[h,t] z_t[n]          (B, H, C)  pair coefficients, the only image-dependent part
-    u[h,n] = W_o^h W_v^h[:, n]            (H, C, D)  pair directions, fixed by the weights
-    beta   = b_o + sum_h W_o^h b_v^h      (D,)       constant
+:class:`Contributions` holds the pair coefficients s (B, H, C) and the class attention of a batch; the identity
+``y = beta + sum_{h,n} s[h,n] u[h,n]`` it rests on, and the algebra behind it, are in :mod:`nha_plugin.pool`.
 
 Scores against a target direction e never need u: ``g[h,n] = (W_o^h^T e) . W_v^h[:, n]`` and the pair
 score is ``s * g``. Every reported component (pairs, heads, neurons, tokens, spatial cells, positional,

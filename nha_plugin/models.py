@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .adapters import get_spec
 from .decomposition import Contributions, decompose_features
+from .images import check_image_batch
 from .spec import AttentionPoolSpec
 from .zoo import MODELS
 
@@ -38,34 +39,10 @@ class PretrainedUnavailableError(RuntimeError):
 # ---- images ------------------------------------------------------------------------------------------
 def validate_images(images: Tensor, spec: AttentionPoolSpec) -> None:
     """Raise a ValueError/TypeError that says what to do when ``images`` cannot go through the model."""
-    if not isinstance(images, Tensor):
-        raise TypeError(f"expected images as a float tensor (B, 3, H, W); got {type(images).__name__}. "
-                        "Apply the preprocess returned by load_clip to each PIL image and torch.stack them")
-    if images.dim() == 3:
-        raise ValueError(f"expected a batch (B, 3, H, W); got one image {tuple(images.shape)}: "
-                         "use images.unsqueeze(0)")
-    if images.dim() != 4:
-        raise ValueError(f"expected images of shape (B, 3, H, W); got {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError("empty batch: images has 0 entries; pass at least one image")
-    if images.shape[1] != 3:
-        raise ValueError(f"expected 3 colour channels; got {images.shape[1]} (shape {tuple(images.shape)}). "
-                         "Convert greyscale/RGBA with PIL's image.convert('RGB') before the preprocess")
-    if not images.is_floating_point():
-        raise TypeError(f"expected float pixels normalised by the preprocess; got {images.dtype}. "
-                        "Use the preprocess returned by load_clip")
-    if images.device != spec.device:
-        raise ValueError(f"images are on {images.device} but the model is on {spec.device}: "
-                         f"use images.to('{spec.device}')")
-    if images.dtype != spec.dtype:
-        raise TypeError(f"images are {images.dtype} but the model is {spec.dtype}: use images.to({spec.dtype}) "
-                        "or load the model with another precision")
+    check_image_batch(images, device=spec.device, dtype=spec.dtype, preprocess_hint="the preprocess load_clip returns")
     if images.shape[-1] % 32 or images.shape[-2] % 32:
         raise ValueError(f"image sides must be multiples of 32 for a CLIP-ResNet; got {tuple(images.shape[-2:])}. "
                          f"Resize to {spec.image_size or 224} with the model's preprocess")
-    bad = (~torch.isfinite(images)).sum().item()
-    if bad:
-        raise ValueError(f"images contain {bad} NaN/Inf values; fix or drop those images before decomposing")
 
 
 def decompose(model: Union[nn.Module, AttentionPoolSpec], images: Tensor, *, sink: str = "keep",

@@ -82,20 +82,17 @@ class ViTAttribution(ReadoutAttribution):
     def attribute(self, inputs: Union[Tensor, tuple], target: Any = None, additional_forward_args: Any = None,
                   *, granularity: Optional[str] = None, token_layers: Union[str, Sequence[int], None] = None,
                   return_convergence_delta: bool = False, attribute_to_layer_input: bool = False):
-        r"""Attributions of ``forward_func(inputs)[:, target]``.
+        r"""Attributions of ``forward_func(inputs)[:, target]``; ``inputs``, ``target``,
+        ``additional_forward_args``, ``return_convergence_delta`` and ``attribute_to_layer_input`` behave as in
+        :meth:`nha_plugin.NeuronHeadAttribution.attribute` (Captum's contract, shared through the base class).
 
         Args:
-            inputs: images (B, 3, H, W), or a 1-tuple holding them (then a 1-tuple is returned).
-            target: int, list of B ints, or a (B,) tensor (Captum semantics); optional when K == 1.
-            additional_forward_args: passed to ``forward_func`` for the convergence delta only.
             granularity: ``"spatial"`` (B, 1, gh, gw) | ``"head"`` (B, L, H) | ``"layer"`` (B, 2L+1) in the order
                 [embedding, attn_0, mlp_0, ...] | ``"token"`` (B, L', H, N) over the token layers.
             token_layers: override the constructor's ``token_layers`` for this call.
-            return_convergence_delta: also return (B,) residuals ``sum(attr) + rest - f(x)[target]``.
-            attribute_to_layer_input: unsupported; must be False.
 
         Returns:
-            attributions, or ``(attributions, delta)``.
+            attributions, or ``(attributions, delta)`` with delta ``sum(attr) + rest - f(x)[target]`` (B,).
         """
         return self.attribute_readout(inputs, target, additional_forward_args, granularity=granularity,
                                       return_convergence_delta=return_convergence_delta,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..images import check_image_batch
 from .spec import ViTLayerSpec, ViTSpec, vit_spec
 
 __all__ = ["ViTTrace", "BlockOutput", "trace", "embed", "run_block", "validate_images"]
@@ -22,30 +23,11 @@ __all__ = ["ViTTrace", "BlockOutput", "trace", "embed", "run_block", "validate_i
 
 def validate_images(images: Tensor, spec: ViTSpec) -> None:
     """Raise a ValueError/TypeError that says what to do when ``images`` cannot go through the ViT."""
-    if not isinstance(images, Tensor):
-        raise TypeError(f"expected images as a float tensor (B, 3, H, W); got {type(images).__name__}. "
-                        "Apply the model's preprocess to each PIL image and torch.stack them")
-    if images.dim() == 3:
-        raise ValueError(f"expected a batch (B, 3, H, W); got one image {tuple(images.shape)}: "
-                         "use images.unsqueeze(0)")
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (B, 3, H, W); got {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError("empty batch: images has 0 entries; pass at least one image")
-    if not images.is_floating_point():
-        raise TypeError(f"expected float pixels normalised by the preprocess; got {images.dtype}")
+    check_image_batch(images, device=spec.device, dtype=spec.dtype)
     if tuple(images.shape[-2:]) != tuple(spec.image_size):
         raise ValueError(f"this ViT takes {spec.image_size[0]}x{spec.image_size[1]} images (its positional "
                          f"embedding has {spec.tokens} tokens); got {tuple(images.shape[-2:])}. Resize with the "
                          "model's preprocess")
-    if images.device != spec.device:
-        raise ValueError(f"images are on {images.device} but the model is on {spec.device}: "
-                         f"use images.to('{spec.device}')")
-    if images.dtype != spec.dtype:
-        raise TypeError(f"images are {images.dtype} but the model is {spec.dtype}: use images.to({spec.dtype})")
-    bad = (~torch.isfinite(images)).sum().item()
-    if bad:
-        raise ValueError(f"images contain {bad} NaN/Inf values; fix or drop those images before decomposing")
 
 
 def embed(spec: ViTSpec, images: Tensor) -> Tensor:
