@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # public name -> module that defines it (relative to this package)
 _ATTRIBUTES = {
@@ -27,7 +27,7 @@ _ATTRIBUTES = {
     "pair_directions": ".pool",
 }
 _SUBPACKAGES = ("adapters", "applications", "cli", "datasets", "decomposition", "files", "harness", "hooks", "models",
-                "pool", "pool_maps", "readout", "runs", "scenes", "spec", "stats", "text", "vit", "zoo")
+                "pool", "pool_maps", "readout", "readout_attribution", "runs", "scenes", "spec", "stats", "text", "version", "vit", "zoo")
 
 __all__ = sorted(_ATTRIBUTES) + ["adapters", "applications", "harness", "stats", "text", "vit", "__version__"]
 

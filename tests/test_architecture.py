@@ -28,7 +28,7 @@ LAYERS = {
     "nha_plugin.cli": 9, "nha_plugin.__main__": 9,
 }
 # utilities every layer may use; they import nothing of the package above them
-UTILITIES = ("nha_plugin.files", "nha_plugin.runs", "nha_plugin.images", "nha_plugin.scenes", "nha_plugin.datasets")
+UTILITIES = ("nha_plugin.files", "nha_plugin.runs", "nha_plugin.images", "nha_plugin.version", "nha_plugin.scenes", "nha_plugin.datasets")
 # the package's face loads everything lazily; the opt-in pickle loader lives in models.py
 FACE = "nha_plugin"
 
@@ -87,6 +87,14 @@ def _layer(name: str):
         return None
     best = max((p for p in LAYERS if name == p or name.startswith(p + ".")), key=len, default=None)
     return LAYERS[best] if best else None
+
+
+def test_no_module_imports_the_package_face():
+    """Inside the package, names come from the module that defines them, not through ``nha_plugin``'s lazy face
+    (which would hide the real dependency from this test and from readers)."""
+    bad = [f"{MODULES[m].relative_to(ROOT)}:{line}" for m in MODULES if m != FACE
+           for t, line, _ in _imports(m) if t == FACE]
+    assert not bad, f"modules importing nha_plugin itself: {bad}"
 
 
 def test_every_module_has_a_layer():

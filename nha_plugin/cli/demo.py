@@ -108,10 +108,11 @@ def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed:
     """Decompose ``n`` images with the exact neuron x head decomposition; print a summary, save a PNG + JSON."""
     from tqdm.auto import tqdm
 
-    import nha_plugin as nha
+    from ..attribution import NeuronHeadAttribution
+    from ..models import load_clip
     from ..harness import ZeroShotClassifier
 
-    model, preprocess, tokenizer = nha.load_clip(model_name)
+    model, preprocess, tokenizer = load_clip(model_name)
     if model_name == "scenes-rn":
         images, names, masks, truths, classes = _scene_batch(n, seed)
         note = "held-out generated scenes (seed %d)" % seed
@@ -120,7 +121,7 @@ def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed:
         note = "scikit-image photos; random-init weights explain nothing real" if model_name == "RN50" else "photos"
     x = _to_tensor(images, preprocess)
     head = ZeroShotClassifier(model, tokenizer, classes, templates=("a photo of a {}.", "a {}."))
-    nad = nha.NeuronHeadAttribution(head)
+    nad = NeuronHeadAttribution(head)
     with torch.no_grad():
         probs = head(x).softmax(-1)
     target = torch.tensor([classes.index(nm) for nm in names])

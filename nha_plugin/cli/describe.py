@@ -130,7 +130,7 @@ def _describe_all(args, spec, words, k: int) -> int:
 
 def run(args) -> int:
     """Execute a parsed ``describe`` command."""
-    import nha_plugin as nha
+    from ..models import load_clip
     from ..adapters import get_spec
     from ..text.describe import build_dictionary, describe_units, head_text_span, parse_unit, subconcepts
 
@@ -144,7 +144,7 @@ def run(args) -> int:
     units = [parse_unit(u) for u in args.unit]                     # fail on a typo before loading anything
     import torch
     torch.manual_seed(args.seed)
-    model, preprocess, tokenizer = nha.load_clip(args.model, pretrained=args.pretrained, device=args.device)
+    model, preprocess, tokenizer = load_clip(args.model, pretrained=args.pretrained, device=args.device)
     spec = get_spec(model)
     words = build_dictionary(model, tokenizer, args.pool, args.templates, args.normalization,
                              cache_dir=args.cache_dir, progress=not args.quiet)

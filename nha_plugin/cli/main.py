@@ -25,7 +25,7 @@ DESCRIPTION = ("Exact decompositions of CLIP image encoders: neuron x head (ResN
 def build_parser(command: Optional[str] = None) -> tuple[argparse.ArgumentParser, dict]:
     """The ``nha`` parser and ``{command: run}``. With a known ``command`` its module adds its full options;
     otherwise every command is listed with its one-line help only (no module imported)."""
-    from .. import __version__
+    from ..version import __version__
     parser = argparse.ArgumentParser(prog="nha", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"nha_plugin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -81,13 +81,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _load_model(name: str, pretrained: Optional[str], device: str, precision: str):
     """(model, tokenizer); a seam tests replace with a tiny model. For a bundled model (``scenes-vit``),
     ``pretrained`` may name another weights file of the same architecture (e.g. a training run's export)."""
-    import nha_plugin as nha
+    from ..models import load_clip
     from ..models import PRECISIONS
     from ..zoo import MODELS, load_zoo_model
     if name in MODELS and pretrained is not None:
         model, _, tokenizer = load_zoo_model(name, weights=pretrained)
         return model.to(device=device, dtype=PRECISIONS[precision]).eval(), tokenizer
-    model, _, tokenizer = nha.load_clip(name, pretrained=pretrained, device=device, precision=precision)
+    model, _, tokenizer = load_clip(name, pretrained=pretrained, device=device, precision=precision)
     return model, tokenizer
 
 

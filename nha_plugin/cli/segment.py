@@ -157,7 +157,7 @@ def _texts(args, model, tokenizer, ds):
 
 def segment(args: argparse.Namespace) -> int:
     """The work of ``nha segment``; errors propagate (:func:`run` reports the user's as one line)."""
-    import nha_plugin as nha
+    from ..models import load_clip
     from ..applications.segmentation import (METHODS, METHOD_DESCRIPTIONS, Segmentor, evaluate, plot_examples,
                                              results_markdown)
     from ..files import write_json, write_text
@@ -166,7 +166,7 @@ def segment(args: argparse.Namespace) -> int:
     out = Path(args.out)
     start = time.perf_counter()
     ds, data_desc = _dataset(args)
-    model, preprocess, tokenizer = nha.load_clip(args.model, args.pretrained, device=args.device,
+    model, preprocess, tokenizer = load_clip(args.model, args.pretrained, device=args.device,
                                                  precision=args.precision)
     text, text_desc = _texts(args, model, tokenizer, ds)
     signs = pair_signs(args.stats, model) if args.stats else None

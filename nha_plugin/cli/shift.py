@@ -249,7 +249,7 @@ def run(args) -> int:
 def _run(args) -> int:
     import torch
 
-    import nha_plugin as nha
+    from ..models import load_clip
     from ..adapters import get_spec
     from ..applications.shift import ShiftData, run_monitor, write_report
     from ..runs import RunDir
@@ -268,7 +268,7 @@ def _run(args) -> int:
     else:
         _presence_columns(args, concepts)
     torch.manual_seed(0)
-    model, preprocess, tokenizer = nha.load_clip(args.model, pretrained=args.pretrained, device=args.device)
+    model, preprocess, tokenizer = load_clip(args.model, pretrained=args.pretrained, device=args.device)
     signs = _pair_signs(args, get_spec(model))
     if args.dataset == "scenes":
         identity = {"dataset": "scenes", "scene_probe": _scene_probe(args, planted, seeds, fit)}

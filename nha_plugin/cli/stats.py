@@ -120,7 +120,7 @@ def _csv(cast):
 
 
 def configure_stats(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="scenes-rn", help="model name for nha.load_clip (default: bundled scenes-rn)")
+    p.add_argument("--model", default="scenes-rn", help="model name for load_clip (default: bundled scenes-rn)")
     p.add_argument("--images", default=None, help="folder of images (default: generated held-out scenes)")
     p.add_argument("--n", "--num-images", dest="n", type=int, default=512,
                    help="number of generated scenes (ignored with --images); under torchrun write --num-images, "
@@ -177,8 +177,8 @@ def add_parser(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentPa
 
 # ---- commands ----------------------------------------------------------------------------------------------
 def _load(name: str, device: str):
-    import nha_plugin as nha
-    model, preprocess, tokenizer = nha.load_clip(name)
+    from ..models import load_clip
+    model, preprocess, tokenizer = load_clip(name)
     return model.to(device).eval(), preprocess, tokenizer
 
 
@@ -263,9 +263,9 @@ def _run_stats(args: argparse.Namespace) -> int:
 def _coefficients(model, dataset, batch_size: int, device: str, progress: bool, desc: str) -> torch.Tensor:
     from tqdm.auto import tqdm
 
-    import nha_plugin as nha
+    from ..models import decompose
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    out = [nha.decompose(model, x.to(device)).pair_coefficients.double().cpu()
+    out = [decompose(model, x.to(device)).pair_coefficients.double().cpu()
            for x in tqdm(loader, desc=desc, disable=not progress)]
     return torch.cat(out)
 

@@ -35,7 +35,7 @@ def _ints(text: str) -> List[int]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="nha.load_clip name: scenes-vit (bundled planted-concept "
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a load_clip name: scenes-vit (bundled planted-concept "
                                                           "ViT), an open_clip ViT (ViT-B-16), hf-hub:..., a file")
     p.add_argument("--pretrained", default=None, help="open_clip tag or weights file")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp64"), help="model dtype (fp64 for exactness)")
@@ -130,10 +130,11 @@ def _finish_plot(fig, ax, title: str, path: Path) -> None:
 def _load(args):
     import torch
 
-    import nha_plugin as nha
+    from ..models import load_clip
+    from .. import vit
     torch.manual_seed(args.seed)
-    loaded = nha.load_clip(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision)
-    nha.vit.vit_spec(loaded[0])          # a CLIP-ResNet is refused here, with a pointer to the ResNet commands
+    loaded = load_clip(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision)
+    vit.vit_spec(loaded[0])          # a CLIP-ResNet is refused here, with a pointer to the ResNet commands
     return loaded
 
 

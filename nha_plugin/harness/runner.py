@@ -100,12 +100,12 @@ def methods_for(model: nn.Module, methods: Sequence[str]) -> List[str]:
 
 def build_forward(cfg: BenchmarkConfig, classes: List[str]) -> nn.Module:
     """The zero-shot classifier over ``classes`` on ``cfg.model`` (frozen, eval mode, on ``cfg.device``)."""
-    import nha_plugin as nha
+    from ..models import load_clip
     from ..readout import ZeroShotClassifier
     if classes == ["object"]:
         raise ValueError("ImageNet-S has no class names in gtsegs_ijcv.mat; run it with a model whose zero-shot "
                          "head you pass through the Python API (run_benchmark(..., forward=...))")
-    model, _, tokenizer = nha.load_clip(cfg.model)
+    model, _, tokenizer = load_clip(cfg.model)
     model = model.to(cfg.device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -193,8 +193,8 @@ def main(argv=None) -> int:
         from ..zoo import load_zoo_model
         model, _, tokenizer = load_zoo_model("scenes-rn", weights=args.weights)
     else:
-        import nha_plugin as nha
-        model, _, tokenizer = nha.load_clip(args.model)
+        from ..models import load_clip
+        model, _, tokenizer = load_clip(args.model)
     res = planted_hit_rate(model, tokenizer, pool=args.pool, templates=args.templates,
                            pairs_per_concept=args.pairs_per_concept, k=args.k, top=args.top, progress=True)
     _print_hits(res["per_concept"])
