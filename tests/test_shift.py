@@ -217,7 +217,7 @@ def test_killed_run_resumes_to_the_same_numbers(scenes_rn, tmp_path, monkeypatch
 @pytest.fixture
 def cached_clip(scenes_rn, monkeypatch):
     """``nha shift`` with scenes-rn loaded once (the CLI calls ``nha.load_clip`` on every run)."""
-    monkeypatch.setattr(nha, "load_clip", lambda *a, **k: scenes_rn)
+    monkeypatch.setattr(nha.models, "load_clip", lambda *a, **k: scenes_rn)
 
 
 def _star_args(out, *extra):

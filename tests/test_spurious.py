@@ -146,7 +146,7 @@ def tiny_loader(monkeypatch):
     import nha_plugin
     from conftest import make_tiny_vit
     model = make_tiny_vit(torch.float64)
-    monkeypatch.setattr(nha_plugin, "load_clip",
+    monkeypatch.setattr(nha_plugin.models, "load_clip",
                         lambda *a, **k: (model, None, open_clip.tokenizer.SimpleTokenizer()))
     return model
 

@@ -111,7 +111,7 @@ def test_all_pairs_json_parquet_and_resume(spec, tmp_path, monkeypatch):
 
 def test_cli_describe(tiny, tmp_path, monkeypatch, capsys):
     from nha_plugin.cli import describe as cli
-    monkeypatch.setattr(nha, "load_clip", lambda *a, **k: (tiny, None, open_clip.get_tokenizer("RN50")))
+    monkeypatch.setattr(nha.models, "load_clip", lambda *a, **k: (tiny, None, open_clip.get_tokenizer("RN50")))
     pool = tmp_path / "words.txt"
     pool.write_text("\n".join(text.common_words(300)))
     base = ["describe", "--model", "tiny", "--pool", str(pool), "--templates", "none", "--cache-dir",
@@ -191,7 +191,7 @@ def test_planted_pickles_in_the_parts_folder_are_never_unpickled(spec, tmp_path)
 
 def test_cli_describe_all_refuses_another_run_in_one_line_and_fresh_works(tiny, tmp_path, monkeypatch, capsys):
     from nha_plugin.cli import describe as cli
-    monkeypatch.setattr(nha, "load_clip", lambda *a, **k: (tiny, None, open_clip.get_tokenizer("RN50")))
+    monkeypatch.setattr(nha.models, "load_clip", lambda *a, **k: (tiny, None, open_clip.get_tokenizer("RN50")))
     pool = tmp_path / "words.txt"
     pool.write_text("\n".join(text.common_words(60)))
     base = ["describe", "--model", "tiny", "--pool", str(pool), "--templates", "none", "--cache-dir",
@@ -214,7 +214,7 @@ def test_cli_stats_reads_safetensors_and_never_unpickles(tiny, spec, tmp_path, m
     from safetensors.torch import save_file
 
     from nha_plugin.cli import describe as cli
-    monkeypatch.setattr(nha, "load_clip", lambda *a, **k: (tiny, None, open_clip.get_tokenizer("RN50")))
+    monkeypatch.setattr(nha.models, "load_clip", lambda *a, **k: (tiny, None, open_clip.get_tokenizer("RN50")))
     pool = tmp_path / "words.txt"
     pool.write_text("\n".join(text.common_words(60)))
     base = ["describe", "--model", "tiny", "--pool", str(pool), "--templates", "none", "--cache-dir",

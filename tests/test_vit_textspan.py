@@ -143,7 +143,7 @@ def test_textspan_cli(monkeypatch, tmp_path, tiny_vit64):
 
     import nha_plugin
     from nha_plugin.cli import vit as vit_cli
-    monkeypatch.setattr(nha_plugin, "load_clip",
+    monkeypatch.setattr(nha_plugin.models, "load_clip",
                         lambda *a, **k: (tiny_vit64, None, open_clip.tokenizer.SimpleTokenizer()))
     out = tmp_path / "ts.json"
     assert vit_cli.main(["textspan", "--model", "scenes-vit", "--n", "8", "--layers", "2", "--m", "3", "--ms", "1,3",
@@ -255,7 +255,7 @@ def tiny_textspan(monkeypatch, tiny_vit64):
     import open_clip
 
     import nha_plugin
-    monkeypatch.setattr(nha_plugin, "load_clip",
+    monkeypatch.setattr(nha_plugin.models, "load_clip",
                         lambda *a, **k: (tiny_vit64, None, open_clip.tokenizer.SimpleTokenizer()))
 
 

@@ -1,6 +1,6 @@
-"""Mean-ablation sparsity curves and reconstructions of a CLIP-ResNet embedding (METHODS.md §A).
+"""Mean-ablation sparsity curves and reconstructions of a CLIP-ResNet embedding (docs/methods.md §1).
 
-All embeddings are computed exactly from the linear form ``y = beta + sum_{h,n} s[h,n] u[h,n]`` (DESIGN.md §1)
+All embeddings are computed exactly from the linear form ``y = beta + sum_{h,n} s[h,n] u[h,n]`` (docs/methods.md §1)
 through W_v then W_o per head (:func:`nha_plugin.pool.head_outputs`): the (B, H, C, D) table is never built.
 
 - **Mean-ablation** keeps the top fraction of units by importance and replaces the coefficients s of the

@@ -1,4 +1,4 @@
-"""Semantic adversarial images from second-order neuron descriptions (METHODS.md §C), with an offline generator.
+"""Semantic adversarial images from second-order neuron descriptions (docs/methods.md §3), with an offline generator.
 
 The paper picks neurons whose second-order direction points from the true class towards a wrong one, takes
 words from their sparse text descriptions, has an LLM write scene descriptions with those words and renders

@@ -1,4 +1,4 @@
-"""Second-order neuron experiments on a CLIP-ViT (METHODS.md §C): statistics on generated scenes, zero-shot
+"""Second-order neuron experiments on a CLIP-ViT (docs/methods.md §3): statistics on generated scenes, zero-shot
 accuracy under ablations, neuron-map segmentation, neuron descriptions and adversarial words, and their report.
 
 The maths (directions, coefficients, streamed statistics, exact ablations) lives in
@@ -155,14 +155,14 @@ def evaluate_segmentation(spec, selected: List[List[tuple]], images: np.ndarray,
                           rows: torch.Tensor, batch_size: int = 32, control: Optional[List[List[tuple]]] = None,
                           heads_baseline: bool = True, plot_path: Optional[Path] = None,
                           progress: bool = False) -> dict:
-    """Neuron-map segmentation (METHODS.md §C): at the predicted class, the mean of the selected neurons'
+    """Neuron-map segmentation (docs/methods.md §3): at the predicted class, the mean of the selected neurons'
     activation maps (patch tokens), upsampled bilinearly to the mask, min-max normalised, thresholded at 0.5.
 
     Args:
         selected: per class, [(layer, neuron)] from :func:`select_segmentation_neurons`.
         images: (N, S, S, 3) uint8; masks: (N, S', S') bool foreground.
         control: an alternative neuron selection scored the same way (e.g. random neurons).
-        heads_baseline: also score the TextSpan head-token map of METHODS.md §B on the same images (every
+        heads_baseline: also score the TextSpan head-token map of docs/methods.md §2 on the same images (every
             layer's and head's patch-token contributions read out by the class rows, predicted class minus
             the mean over classes, clipped, min-max, thresholded at the map's mean).
         plot_path: save a PNG of the first 5 images with their maps.

@@ -1,4 +1,4 @@
-"""Spurious-feature removal with TextSpan on CLIP-ViT heads (METHODS.md §B).
+"""Spurious-feature removal with TextSpan on CLIP-ViT heads (docs/methods.md §2).
 
 The recipe: describe every head of the last layers with TextSpan; the heads whose descriptions are about
 places/settings/backgrounds carry the background; mean-ablate their direct contributions and measure the

@@ -1,4 +1,4 @@
-"""``nha neurons``: second-order effects of CLIP-ViT MLP neurons (METHODS.md §C) on a model and a dataset.
+"""``nha neurons``: second-order effects of CLIP-ViT MLP neurons (docs/methods.md §3) on a model and a dataset.
 
     nha neurons stats       --model scenes-vit --layer 1 --n-images 2000         # streamed, resumable
     nha neurons describe    --model scenes-vit --layer 1 --top 10 --omp-k 128    # OMP words of each PC1
@@ -12,7 +12,7 @@ Statistics (mean, top-k centred norms, PC1, significance threshold) are computed
 settings and the weights: an interrupted run resumes, a checkpoint of other settings is refused (exit 2) and
 ``--fresh`` recomputes it. Evaluation uses single-object scenes (seed 12345) with exact object masks; the
 zero-shot classes are the 5 shapes and 5 photo categories of the scenes (``"a photo of a {}."``).
-``--imagenet-seg gtsegs_ijcv.mat`` runs the segmentation on ImageNet-Segmentation instead (METHODS.md §B
+``--imagenet-seg gtsegs_ijcv.mat`` runs the segmentation on ImageNet-Segmentation instead (docs/methods.md §2
 protocol; needs h5py and a model whose classes are ImageNet's: pass ``--classes imagenet``).
 
 The experiments live in :mod:`nha_plugin.applications.second_order`; this module parses and orchestrates.

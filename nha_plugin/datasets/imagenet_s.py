@@ -1,5 +1,5 @@
 """ImageNet-Segmentation (Guillaumin et al., 4,276 images with binary masks) from a user-supplied
-``gtsegs_ijcv.mat``: the file TextSpan and the second-order-neuron papers evaluate on (METHODS.md §B).
+``gtsegs_ijcv.mat``: the file TextSpan and the second-order-neuron papers evaluate on (docs/methods.md §2).
 
 The file is MATLAB v7.3, i.e. HDF5: ``value/img`` and ``value/gt`` are (N, 1) arrays of object references;
 each image is stored (3, W, H) uint8 and each mask (W, H), both transposed by MATLAB's column-major layout.

@@ -106,7 +106,7 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def segmentation_counts(heat: np.ndarray, mask: np.ndarray, threshold: Optional[float] = None) -> Dict[str, float]:
-    """Per-image counts of the ImageNet-Segmentation protocol (METHODS.md §B): clip negatives, min-max normalise,
+    """Per-image counts of the ImageNet-Segmentation protocol (docs/methods.md §2): clip negatives, min-max normalise,
     threshold at the soft map's mean (or at a fixed ``threshold`` on the normalised map: the second-order paper's
     0.5). Returns correct/labelled pixels, intersection and union for background (0) and object (1), and the
     image's average precision of the soft map."""

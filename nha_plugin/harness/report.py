@@ -43,7 +43,7 @@ def protocol(cfg, data_desc: str, accuracy: float, classes: Sequence[str]) -> Di
         "target": "class of the explained (largest) object, identical for every method",
         "post_processing": "channel sum for pixel attributions; bilinear upsampling (align_corners=False) of layer "
                            "maps to 224 px; float32; no per-method normalisation before the metrics",
-        "segmentation": "ImageNet-Segmentation protocol of METHODS.md on the explained object's mask: clip "
+        "segmentation": "ImageNet-Segmentation protocol (docs/methods.md §2) on the explained object's mask: clip "
                         "negatives, min-max, threshold at the map mean; pixAcc/mIoU (background, object) from dataset "
                         "totals, mAP = mean per-image AP. Maps are for the target class; no class-mean subtraction "
                         "(part of TextSpan's map construction, not of the scoring)",

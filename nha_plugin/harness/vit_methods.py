@@ -10,7 +10,7 @@ layer4) do not.
 - ``vit_spatial``: the exact decomposition's spatial map (``nha_plugin.vit.ViTAttribution``, granularity
   "spatial"): per patch, the sum over layers and heads of its token entries' scores against the target's
   read-out column, in logit units; complete (class-token, MLP and embedding terms reported apart).
-- ``textspan_vit``: TextSpan's segmentation map (METHODS.md §B): the same token scores against the target
+- ``textspan_vit``: TextSpan's segmentation map (docs/methods.md §2): the same token scores against the target
   column minus the mean of all columns (``heat[:, c] - mean over classes``).
 - ``vit_maskclip``: MaskCLIP's ViT map (the last block's value path per token, no q/k, no residual or MLP,
   then ln_post and proj; cosine with the target column), the usual training-free ViT baseline.
@@ -43,7 +43,7 @@ def vit_spatial(forward: nn.Module, images: Tensor, target: Tensor) -> tuple[Ten
 
 
 @register_method("textspan_vit", family="vit", needs_grad=False,
-                 description="TextSpan segmentation map (METHODS.md B): token scores summed over layers and heads "
+                 description="TextSpan segmentation map (docs/methods.md §2): token scores summed over layers and heads "
                              "against the target column minus the mean column (heat[:, c] - mean over classes)")
 def textspan_vit(forward: nn.Module, images: Tensor, target: Tensor) -> Tensor:
     """Per-patch scores against (target column - mean column), logit units, (B, gh, gw)."""

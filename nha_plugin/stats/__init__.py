@@ -1,8 +1,8 @@
 """Streaming dataset statistics of the pair coefficients, in one pass, resumable and torchrun-aware.
 
-Everything the dataset-level methods of METHODS.md §A need follows from the pair coefficients
+Everything the dataset-level methods of docs/methods.md §1 need follows from the pair coefficients
 s (B, H, C) alone, because a pair's contribution is ``s[h,n] u[h,n]`` with a fixed direction
-(DESIGN.md §1). :func:`collect` streams a loader once and keeps, in float64:
+(docs/methods.md §1). :func:`collect` streams a loader once and keeps, in float64:
 
 - the count and the per-pair mean, merged batch by batch with Chan's parallel formulas (each batch is
   centred on its own mean first, so no large sums of squares ever cancel);

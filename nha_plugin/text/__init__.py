@@ -22,7 +22,7 @@ Modules, one job each:
   targets, chunked, torch on CPU or GPU; agrees with scikit-learn's ``orthogonal_mp``.
   :func:`prepare_dictionary` centres over texts then normalises each text (default) or, as the reference
   did, each embedding dimension (``legacy_axis0``).
-- :mod:`~nha_plugin.text.textspan`: :func:`text_span`, the greedy TextSpan basis (METHODS.md §B) from a
+- :mod:`~nha_plugin.text.textspan`: :func:`text_span`, the greedy TextSpan basis (docs/methods.md §2) from a
   data matrix or a streamed covariance.
 - :mod:`~nha_plugin.text.describe`: descriptions of pairs (from weights alone), heads and neurons (PC0 of
   their contributions when pair coefficients over a dataset are given) and the sub-concept view.

@@ -207,7 +207,7 @@ def subconcepts(spec: AttentionPoolSpec, neuron: int, dictionary: TextDictionary
 
 def head_text_span(spec: AttentionPoolSpec, head: int, coefficients: Tensor, dictionary: TextDictionary,
                    m: int = 20, rank: int = 80) -> dict:
-    """TextSpan (METHODS.md §B) of one attention-pool head over a dataset: the head's contributions
+    """TextSpan (docs/methods.md §2) of one attention-pool head over a dataset: the head's contributions
     ``W_o^h W_v^h s_h`` (B, D) for pair coefficients (B, H, C), against the pool's text embeddings.
 
     Returns ``{"unit": "head:h", "kind": "head", "source": "data", "texts": [...], "variances": [...]}``."""

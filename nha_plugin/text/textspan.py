@@ -1,4 +1,4 @@
-"""TextSpan (METHODS.md §B): greedy text bases for a component's contributions.
+"""TextSpan (docs/methods.md §2): greedy text bases for a component's contributions.
 
 Given a component's contributions C (K images x D) and text embeddings T (M x D), TextSpan projects T onto
 the top-r right singular vectors of C, centres C, then m times: picks the text whose projections of C

@@ -8,7 +8,7 @@ The class token's residual stream after the last block is a sum of 2L+1 componen
 and the output is ``M = LN_post(x_L[0]) @ P``. With LN_post's per-image mean mu and std sigma frozen, a
 component c that takes the share ``s`` of the mean and of LN_post's shift maps to
 ``Map(c, s) = (gamma * (c - s mu) / sigma + s beta) @ P``; the shares add up to 1, so the mapped components
-add up to M exactly (METHODS.md section B). Shares: 1/K for the embedding and for each MLP, K = 2L+1; an
+add up to M exactly (docs/methods.md §2). Shares: 1/K for the embedding and for each MLP, K = 2L+1; an
 attention layer's 1/K split evenly over its N*H (token, head) entries, and so is its ``b_o``:
 
     entry(l, h, i) = Map(a^{l,h}[0,i] ls_1 * W_o^h v^{l,h}_i + ls_1 * b_o / (N H),  1 / (K N H))

@@ -1,4 +1,4 @@
-"""Second-order effects of CLIP-ViT MLP neurons (METHODS.md §C), exact under frozen statistics.
+"""Second-order effects of CLIP-ViT MLP neurons (docs/methods.md §3), exact under frozen statistics.
 
 A post-activation neuron n of layer l writes ``m_i[n] * r_n`` into the residual stream at every token i,
 with ``r_n = ls_2 ⊙ c_proj[:, n]`` (W,). Its *second-order effect* is the part of the output that flows
@@ -12,10 +12,10 @@ from the image's own forward pass::
 
 ``C = I - 11^T/W`` is LayerNorm's centring: the mean LayerNorm subtracts is linear in its input, so a vector v
 added at a token leaves a LayerNorm (sigma frozen) as ``g ⊙ (v - mean(v)) / sigma``; we keep that centring,
-for LN_1 of every later layer and for LN_post. (METHODS.md's formula omits both the centring and the LN_post
+for LN_1 of every later layer and for LN_post. (the paper's formula omits both the centring and the LN_post
 gain g_post; without them the effects would not be the derivative of the frozen-statistics network.) Layer
 scale (``ls_1``, ``ls_2``) enters where the block applies it. Second-order effects carry no bias or shift
-terms: b_V, b_O, the LN betas and the LN mean/bias *shares* of METHODS.md §B do not depend on the neuron, so
+terms: b_V, b_O, the LN betas and the LN mean/bias *shares* of docs/methods.md §2 do not depend on the neuron, so
 phi_n is the purely linear path (the constant parts stay with the attention components they belong to).
 
 So ``phi_n`` is a sum of K = (L - l - 1) * H fixed directions with per-image scalars, exactly like NAD's

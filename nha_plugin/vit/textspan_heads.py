@@ -1,4 +1,4 @@
-"""TextSpan (METHODS.md §B) on CLIP-ViT attention heads over a dataset, and the checks that go with it.
+"""TextSpan (docs/methods.md §2) on CLIP-ViT attention heads over a dataset, and the checks that go with it.
 
 A head's direct contribution to the image embedding, ``c[l, h]`` (D,) per image (``ViTContributions.
 head_contributions()``; summed over source tokens, LN_post statistics frozen), is collected over K images for

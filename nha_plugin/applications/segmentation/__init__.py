@@ -1,4 +1,4 @@
-"""Training-free semantic segmentation from the neuron x head decomposition (METHODS.md §A), pure torch.
+"""Training-free semantic segmentation from the neuron x head decomposition (docs/methods.md §1), pure torch.
 
 NAD segmentor, for P classes with unit text embeddings t_p (class names x templates, each embedded and normalised,
 averaged, renormalised; then centred over the P classes and renormalised: "text centring", :mod:`.texts`):

@@ -1,4 +1,4 @@
-"""Per-crop class logits of the NAD segmentor and its baselines (METHODS.md §A), from layer4 features.
+"""Per-crop class logits of the NAD segmentor and its baselines (docs/methods.md §1), from layer4 features.
 
 For P classes with unit text directions t_p:
 

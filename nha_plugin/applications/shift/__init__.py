@@ -1,4 +1,4 @@
-"""Distribution-shift monitoring with the neuron x head decomposition (shared/METHODS.md §A).
+"""Distribution-shift monitoring with the neuron x head decomposition (docs/methods.md §1).
 
 A concept (a text such as ``"yellow"``) is tracked across groups of images (model years, months, sites)
 by the part of each image embedding that the pairs most aligned with the concept write::

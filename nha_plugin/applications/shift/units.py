@@ -1,4 +1,4 @@
-"""The units a concept is read from, and its per-image scores (shared/METHODS.md §A).
+"""The units a concept is read from, and its per-image scores (docs/methods.md §1).
 
     PC0[h,n]   = sign[h,n] * u[h,n] / ||u[h,n]||                   (H, C, D)   u = pair_directions(spec)
     TopK(t)    = the k pairs with the largest <PC0[h,n], t>         t = the concept's text embedding
