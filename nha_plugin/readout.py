@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LinearReadout", "ZeroShotClassifier", "TextSimilarity", "encode_image", "encode_texts", "logit_factor",
+__all__ = ["LinearReadout", "ZeroShotClassifier", "TextSimilarity", "encode_image", "encode_texts", "logit_factor", "contrastive",
            "DEFAULT_TEMPLATES"]
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -107,3 +107,24 @@ class TextSimilarity(LinearReadout):
             raise ValueError("texts is empty; give at least one text")
         super().__init__(model, encode_texts(model, tokenizer, texts).T, logit_scale=logit_scale,
                          normalize=True, labels=texts)
+
+
+def contrastive(readout: LinearReadout) -> LinearReadout:
+    """The class-discriminative version of a read-out: each column minus the mean column, so logit k becomes
+    ``logit_k - mean_j logit_j`` (the TextSpan segmentation protocol's "class minus the mean over classes").
+
+    Still a linear read-out of the same embedding, so every exact decomposition of it stays exact; a map of it
+    shows what separates the class from the others instead of what all classes share.
+
+    Args:
+        readout: a :class:`LinearReadout` (``ZeroShotClassifier``, ``TextSimilarity``) with K >= 2 columns.
+
+    Returns:
+        a new :class:`LinearReadout` over the same model (the model is shared, not copied).
+    """
+    W = readout.readout
+    if W.shape[1] < 2:
+        raise ValueError(f"a contrastive read-out needs at least 2 outputs to compare; this one has {W.shape[1]}")
+    labels = [f"{name} (vs mean)" for name in readout.labels] if readout.labels else None
+    return LinearReadout(readout.model, W - W.mean(dim=1, keepdim=True), logit_scale=readout.logit_scale,
+                         normalize=readout.normalize, labels=labels)

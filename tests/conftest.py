@@ -268,3 +268,19 @@ def assert_pickle_would_run(data: bytes, marker) -> None:
     pickle.loads(data).close()
     assert Path(marker).exists()
     Path(marker).unlink()
+
+
+def make_sink_model(dtype=torch.float64, seed: int = 0, strength: float = 6.0) -> nn.Module:
+    """The tiny random CLIP-ResNet with an attention sink built in, as trained CLIP-ResNets have: the class
+    token's query gets a component r_h per head and the last spatial token's positional embedding a component
+    that the keys map onto r_h, so every head puts most of its class attention on the last spatial token
+    whatever the image (scenes-rn has no sink, so sink handling needs this fixture to mean anything)."""
+    model = make_tiny(torch.float64, seed)
+    pool = model.visual.attnpool
+    H, C = pool.num_heads, pool.q_proj.weight.shape[0]
+    g = torch.Generator().manual_seed(seed + 11)
+    r = torch.nn.functional.normalize(torch.randn(H, C // H, generator=g, dtype=torch.float64), dim=1).reshape(C)
+    with torch.no_grad():
+        pool.q_proj.bias += strength * r
+        pool.positional_embedding[-1] += strength * torch.linalg.solve(pool.k_proj.weight, r)
+    return model.to(dtype)
