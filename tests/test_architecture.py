@@ -28,7 +28,7 @@ LAYERS = {
     "nha_plugin.cli": 9, "nha_plugin.__main__": 9,
 }
 # utilities every layer may use; they import nothing of the package above them
-UTILITIES = ("nha_plugin.files", "nha_plugin.runs", "nha_plugin.images", "nha_plugin.version", "nha_plugin.scenes", "nha_plugin.datasets")
+UTILITIES = ("nha_plugin.files", "nha_plugin.runs", "nha_plugin.images", "nha_plugin.version", "nha_plugin.markup", "nha_plugin.scenes", "nha_plugin.datasets")
 # the package's face loads everything lazily; the opt-in pickle loader lives in models.py
 FACE = "nha_plugin"
 
