@@ -60,7 +60,7 @@ def _read_layer(layer: nn.Module, index: int, W: int) -> ViTLayerSpec:
     if type(layer).__name__ not in LAYER_CLASSES:
         raise UnsupportedModelError(f"{where} is {type(layer).__name__}; nha_plugin reads transformers' CLIP "
                                     f"layers ({', '.join(LAYER_CLASSES)}), whose forward it reproduces exactly. "
-                                    "Load the model as a CLIPModel / CLIPVisionModel(WithProjection), or with open_clip")
+                                    "Load it as a CLIPModel / CLIPVisionModel(WithProjection), or with open_clip")
     attn = layer.self_attn
     if type(attn).__name__ not in ATTENTION_CLASSES:
         raise UnsupportedModelError(f"{where}.self_attn is {type(attn).__name__}; expected one of "

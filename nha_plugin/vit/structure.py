@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from ..spec import UnsupportedModelError
 
 __all__ = ["LayerNormSpec", "ViTLayerSpec", "ViTSpec", "LibraryTower", "UnsupportedModelError", "pair",
-           "scale_vector", "refuse_if_norm", "bias_or_zeros", "fold_patch_bias", "fold_output_bias", "stochastic_modules",
-           "check_eval_mode"]
+           "scale_vector", "refuse_if_norm", "bias_or_zeros", "fold_patch_bias", "fold_output_bias",
+           "stochastic_modules", "check_eval_mode"]
 
 
 @dataclass
