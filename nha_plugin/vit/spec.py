@@ -81,6 +81,10 @@ def vit_spec(model: Union[nn.Module, ViTSpec], projection: Union[nn.Linear, Tens
         spec = timm_reader.read(model)
     else:
         visual = getattr(model, "visual", model)
+        head = getattr(getattr(visual, "vision_model", visual), "head", None)
+        if "Pool" in type(head).__name__:          # SigLIP's MAP head, CoCa-style poolers
+            raise UnsupportedModelError(f"{type(visual).__name__} pools with an attention-pool head "
+                                        f"({type(head).__name__}); the decomposition covers class-token pooling only")
         raise UnsupportedModelError(
             f"expected {SUPPORTED}; got {type(visual).__name__}. Load the model with nha_plugin.load_clip, "
             "open_clip, transformers or timm")
