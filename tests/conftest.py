@@ -319,3 +319,77 @@ def pytest_make_collect_report(collector):
     report = outcome.get_result()
     if report.skipped and _strict_skips() and report.nodeid not in ALLOWED_SKIPS:
         _fail_skip(report, report.nodeid)
+
+
+# ---- the tiny CLIP-ViT in transformers and timm ----------------------------------------------------------------
+TINY_TIMM_ARGS = dict(embed_dim=64, depth=3, num_heads=4, patch_size=16, img_size=64, num_classes=32)  # TINY_VIT's tower
+
+
+def _hf_vision_tower(model):
+    tower = getattr(model, "vision_model", model)
+    return getattr(tower, "vision_model", tower)            # transformers 4.x nests one level deeper
+
+
+def tiny_vit_as_transformers(model: nn.Module, kind: str = "CLIPModel", hidden_act: str = "gelu") -> nn.Module:
+    """The tiny open_clip CLIP-ViT's image tower rebuilt in transformers' ``kind`` (``CLIPModel``,
+    ``CLIPVisionModelWithProjection`` or ``CLIPVisionModel``) holding the same weights (a CLIPModel's text tower
+    is a random 1-layer one), in float64 and eval mode. The mapping is written out here, independently of the
+    package: q/k/v are the thirds of in_proj, the projection is proj transposed."""
+    transformers = pytest.importorskip("transformers")
+    v = model.visual
+    blocks = v.transformer.resblocks
+    W = v.class_embedding.shape[0]
+    vision = dict(hidden_size=W, intermediate_size=blocks[0].mlp.c_fc.weight.shape[0], num_hidden_layers=len(blocks),
+                  num_attention_heads=blocks[0].attn.num_heads, image_size=v.image_size[0], patch_size=v.patch_size[0],
+                  hidden_act=hidden_act, layer_norm_eps=v.ln_post.eps, projection_dim=v.proj.shape[1])
+    torch.manual_seed(0)
+    if kind == "CLIPModel":
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+        hf = transformers.CLIPModel(transformers.CLIPConfig(vision_config=vision, text_config=text,
+                                                            projection_dim=v.proj.shape[1]))
+    else:
+        hf = getattr(transformers, kind)(transformers.CLIPVisionConfig(**vision))
+    hf = hf.double().eval()
+    sd = {"embeddings.class_embedding": v.class_embedding, "embeddings.patch_embedding.weight": v.conv1.weight,
+          "embeddings.position_embedding.weight": v.positional_embedding}
+    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        sd.update({f"{theirs}.weight": getattr(v, ours).weight, f"{theirs}.bias": getattr(v, ours).bias})
+    for i, blk in enumerate(blocks):
+        p = f"encoder.layers.{i}."
+        for name, w, b in zip("qkv", blk.attn.in_proj_weight.chunk(3), blk.attn.in_proj_bias.chunk(3)):
+            sd.update({f"{p}self_attn.{name}_proj.weight": w, f"{p}self_attn.{name}_proj.bias": b})
+        for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            module = blk.get_submodule(ours)
+            sd.update({f"{p}{theirs}.weight": module.weight, f"{p}{theirs}.bias": module.bias})
+    missing, unexpected = _hf_vision_tower(hf).load_state_dict(sd, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    if hasattr(hf, "visual_projection"):
+        with torch.no_grad():
+            hf.visual_projection.weight.copy_(v.proj.T)
+    return hf
+
+
+def tiny_vit_as_timm(model: nn.Module) -> nn.Module:
+    """The tiny open_clip CLIP-ViT's image tower as timm's ``vit_base_patch32_clip_224`` at the tiny size, its
+    weights converted by timm's own OpenAI-CLIP checkpoint filter (float64, eval mode)."""
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    out = timm.create_model("vit_base_patch32_clip_224", pretrained=False, **TINY_TIMM_ARGS).double()
+    out.load_state_dict(checkpoint_filter_fn(model.state_dict(), out))
+    return out.eval()
+
+
+def make_tiny_timm(dtype=torch.float64, seed: int = 0, **options) -> nn.Module:
+    """A tiny random timm CLIP-ViT (TINY_TIMM_ARGS, then ``options``: timm VisionTransformer arguments) with random
+    LayerNorm gains, biases (the head's included) and layer-scale gains, in eval mode."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_base_patch32_clip_224", pretrained=False, **{**TINY_TIMM_ARGS, **options})
+    randomise_vit(model, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return model.eval().to(dtype)

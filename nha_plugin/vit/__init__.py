@@ -1,4 +1,5 @@
-"""Exact decompositions of CLIP-ViT image towers (open_clip ``VisionTransformer``).
+"""Exact decompositions of CLIP-ViT image towers: open_clip ``VisionTransformer``, transformers ``CLIPModel`` /
+``CLIPVisionModel(WithProjection)`` and timm ``VisionTransformer`` CLIP towers (``vit.spec`` reads each).
 
     from nha_plugin import vit
     spec = vit.vit_spec(model)                 # every weight as plain tensors

@@ -16,12 +16,19 @@ __all__ = ["input_size", "images_to_input"]
 
 
 def input_size(model: nn.Module) -> Tuple[int, int]:
-    """(height, width) the image tower takes: open_clip's ``visual.image_size`` (an int or a pair), 224 if absent.
+    """(height, width) the image tower takes, 224 when the model does not say.
+
+    Read from open_clip's ``visual.image_size`` (an int or a pair), transformers' ``config.image_size`` (or
+    ``config.vision_config.image_size``) or timm's ``patch_embed.img_size``.
 
     Args:
-        model: a CLIP model or its image tower.
+        model: a CLIP model or its image tower (open_clip, transformers or timm), or a ViTSpec.
     """
-    size = getattr(getattr(model, "visual", model), "image_size", 224)
+    config = getattr(model, "config", None)
+    candidates = (getattr(getattr(model, "visual", model), "image_size", None),
+                  getattr(getattr(config, "vision_config", config), "image_size", None),
+                  getattr(getattr(model, "patch_embed", None), "img_size", None))
+    size = next((c for c in candidates if c is not None), 224)
     return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
 
 

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 
 from .. import files, runs
 from ..text.textspan import text_span
+from .decomposition import decompose
+from .spec import ViTSpec, vit_spec
 
 __all__ = ["HeadStatistics", "HeadSpan", "collect_head_statistics", "resolve_layers", "head_text_spans",
            "project_onto_span", "mean_ablated_embeddings", "reconstructed_embeddings", "predict", "accuracy",
@@ -158,26 +160,25 @@ def resolve_layers(num_layers: int, layers: Union[None, int, Sequence[int]] = No
     return sorted(set(out))
 
 
-def _batch_parts(model: nn.Module, images: Tensor, layers: List[int]) -> dict:
-    from .. import vit
-    c = vit.decompose(model, images, token_layers=None)
+def _batch_parts(spec: ViTSpec, images: Tensor, layers: List[int]) -> dict:
+    c = decompose(spec, images, token_layers=None)
     heads = c.head_contributions().detach()                                  # (b, L, H, D)
     return {"contributions": heads[:, layers].cpu(), "layer_heads": heads.sum(dim=2).cpu(),
             "embedding": c.embedding.detach().cpu(), "head_sum": heads.sum(dim=0).cpu()}
 
 
-def _parts_run(visual: nn.Module, images: ImagesSource, total: int, batch_size: int, layers: List[int],
+def _parts_run(spec: ViTSpec, images: ImagesSource, total: int, batch_size: int, layers: List[int],
                parts_dir: Union[str, Path], meta: Optional[dict], fresh: bool) -> runs.RunDir:
     """The run folder of :func:`collect_head_statistics`: keyed on the settings, the images and the weights."""
     if not meta and not isinstance(images, Tensor):
         raise ValueError("parts_dir needs meta (a description of the images: dataset, seed, ...) when images is "
                          "a function: it names the images in the run key (each batch's fingerprint is checked too)")
-    dtype = next(visual.parameters()).dtype
+    dtype = spec.dtype
     # a function's images are only known batch by batch: each part stores its batch's fingerprint instead
     data = {"meta": meta or None,
             "images": runs.images_fingerprint(images) if isinstance(images, Tensor) else "checked per part"}
     key = runs.run_key({"n": total, "batch_size": batch_size, "layers": layers, "dtype": str(dtype)}, data=data,
-                       weights=runs.module_fingerprint(visual), version=PARTS_VERSION)
+                       weights=runs.module_fingerprint(spec.module), version=PARTS_VERSION)
     return runs.RunDir(parts_dir, key, fresh=fresh)
 
 
@@ -202,7 +203,7 @@ def collect_head_statistics(model: nn.Module, images: ImagesSource, n: Optional[
     """Decompose K images with :func:`nha_plugin.vit.decompose` and keep what TextSpan and ablations need.
 
     Args:
-        model: an open_clip CLIP-ViT (whole model or ``.visual``).
+        model: a CLIP-ViT :func:`~nha_plugin.vit.spec.vit_spec` reads (open_clip, transformers, timm) or its spec.
         images: preprocessed images (K, 3, S, S) on the model's device and dtype, or a function
             ``images(start, stop) -> (stop - start, 3, S, S)`` (generates batches lazily; with ``n``).
         n: number of images when ``images`` is a function.
@@ -236,20 +237,20 @@ def collect_head_statistics(model: nn.Module, images: ImagesSource, n: Optional[
         total, source = int(n), images
     if total < 1:
         raise ValueError("no images: need at least one (two or more for variances)")
-    visual = getattr(model, "visual", model)
-    num_layers = len(visual.transformer.resblocks)
+    spec = vit_spec(model)
+    num_layers = spec.layers
     layers = resolve_layers(num_layers, layers)
-    run = None if parts_dir is None else _parts_run(visual, images, total, batch_size, layers, parts_dir, meta, fresh)
+    run = None if parts_dir is None else _parts_run(spec, images, total, batch_size, layers, parts_dir, meta, fresh)
     parts = []
     for i, a in enumerate(tqdm(range(0, total, batch_size), desc="head contributions", unit="batch",
                                disable=not progress)):
         x = source(a, min(total, a + batch_size))
         if run is None:
-            parts.append(_batch_parts(model, x, layers))
+            parts.append(_batch_parts(spec, x, layers))
             continue
         part, fingerprint = _resumed_part(run, f"part_{i:05d}", x, a)
         if part is None:
-            part = {**_batch_parts(model, x, layers), "images": fingerprint}
+            part = {**_batch_parts(spec, x, layers), "images": fingerprint}
             run.save_part(f"part_{i:05d}", part)
         parts.append(part)
     head_sum = torch.stack([p["head_sum"] for p in parts]).sum(dim=0)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..images import check_image_batch
 from .spec import ViTLayerSpec, ViTSpec, vit_spec
+from .structure import check_eval_mode
 
 __all__ = ["ViTTrace", "BlockOutput", "trace", "embed", "run_block", "validate_images"]
 
@@ -166,9 +167,14 @@ def trace(spec, images: Tensor, grad: bool = False) -> ViTTrace:
 
 
 def model_output(spec: ViTSpec, images: Tensor) -> Optional[Tensor]:
-    """The unmodified image tower's own output on ``images`` (B, D), or None when the spec has no module."""
+    """The unmodified image tower's own output on ``images`` (B, D), or None when the spec has no module.
+
+    The one place the library's own forward runs (completeness checks compare against it): a model put in
+    training mode with active dropout since its spec was read is refused here, as :func:`vit_spec` refuses it.
+    """
     if spec.module is None:
         return None
+    check_eval_mode(spec.module, type(spec.module).__name__)
     with torch.no_grad():
         out = spec.module(images)
     return out[0] if isinstance(out, tuple) else out
