@@ -10,13 +10,13 @@ and pair stacks are :class:`nha_plugin.Contributions`'s, built from the cached h
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from torch import Tensor, nn
 
-from nha_plugin.decomposition import Contributions, canonical_target
+from nha_plugin.decomposition import Contributions
 from nha_plugin.hooks import HookedAttentionPool, find_pool
-from nha_plugin.pool import positional_embedding_for
+from nha_plugin.pool import canonical_target, positional_embedding_for
 
 from . import get_spec, require_extra
 
@@ -31,20 +31,53 @@ class HookedCLIPResNet(HookedRootModule):
     """A CLIP-ResNet image tower as a TransformerLens ``HookedRootModule``: images -> embedding (B, D).
 
     The wrapped model is not modified: the trunk runs as the adapter's callable and the attention pool is a
-    :class:`~nha_plugin.hooks.HookedAttentionPool` around the original pool's parameters."""
+    :class:`~nha_plugin.hooks.HookedAttentionPool` around the original pool's parameters, read at every call.
+    So the wrapper follows the model: move or cast the model itself (``model.to(...)``, ``model.float()``).
+    Moving the wrapper is refused (it would move the pool but not the trunk, leaving the caller's model split
+    across dtypes or devices), and ``train()`` / ``eval()`` set the wrapper's own hook points only."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         spec = get_spec(model)
         parent, attr = find_pool(model)
         self._trunk = spec.trunk
-        self.spec = spec
+        # read afresh on each use: a spec kept from construction would hold views of weights the caller may
+        # since have cast or moved
+        self._read_spec: Callable[[], object] = lambda: get_spec(model)
+        self._model_tensors: Callable[[], list] = lambda: [*model.parameters(), *model.buffers()]
         self.hook_layer4 = HookPoint()
         self.attnpool = HookedAttentionPool(getattr(parent, attr), hook_cls=HookPoint)
         self.setup()
 
+    @property
+    def spec(self):
+        """The wrapped model's :class:`~nha_plugin.spec.AttentionPoolSpec`, as it is now."""
+        return self._read_spec()
+
     def forward(self, images: Tensor) -> Tensor:
         return self.attnpool(self.hook_layer4(self._trunk(images)))
+
+    def _apply(self, fn, recurse: bool = True):
+        """Every dtype / device move (``to``, ``float``, ``double``, ``half``, ``cuda``, ...) passes through here:
+        one that would change a tensor of the wrapped model is refused before anything moves; one that changes
+        nothing (``to`` the model's own device and dtype) is a no-op."""
+        for t in self._model_tensors():
+            moved = fn(t)
+            if moved is not t and (moved.dtype != t.dtype or moved.device != t.device):
+                raise RuntimeError(
+                    f"HookedCLIPResNet wraps the caller's model and reads its weights at every call; moving the "
+                    f"wrapper would move the attention pool ({t.dtype}, {t.device} -> {moved.dtype}, "
+                    f"{moved.device}) but not the trunk. Move or cast the model itself (model.to(...), "
+                    "model.float()): the wrapper follows it")
+        return self
+
+    def train(self, mode: bool = True) -> "HookedCLIPResNet":
+        """Set the mode of the wrapper and its hook points; the wrapped model's modules keep theirs."""
+        foreign = {id(m) for m in self.attnpool.pool.modules()}
+        for m in self.modules():
+            if id(m) not in foreign:
+                m.training = mode
+        return self
 
     def run_with_cache(self, *args, **kwargs):
         out, cache = super().run_with_cache(*args, **kwargs)

@@ -10,7 +10,9 @@ With F the layer4 output (B, C, h, w) and p the positional embedding (T, C), the
     u[h,n] = W_o^h W_v^h[:, n]            (H, C, D)  pair directions, fixed by the weights
     beta   = b_o + sum_h W_o^h b_v^h      (D,)       constant
 
-Scores against a direction e never need u: ``g[h,n] = (W_o^h^T e) . W_v^h[:, n]`` (:func:`target_weights`).
+Scores against a direction e never need u: ``g[h,n] = (W_o^h^T e) . W_v^h[:, n]`` (:func:`target_weights`); score
+targets (one direction, a set, one per image) take one layout first (:func:`canonical_target`), shared with the
+CLIP-ViT decomposition.
 Per-token maps built on these (MaskCLIP, self-self, head maps, the attention sink) live in
 :mod:`nha_plugin.pool_maps`; the decomposition object in :mod:`nha_plugin.decomposition`.
 
@@ -19,6 +21,7 @@ This module imports only torch and einops and knows nothing of open_clip.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -32,6 +35,7 @@ __all__ = [
     "head_split", "pair_directions", "neuron_contributions", "neuron_blocks", "head_outputs", "pool_output",
     "constant_term", "head_bias", "target_weights", "interpolate_positional_embedding", "positional_embedding_for",
     "tokens", "class_attention", "pair_coefficients", "value_tokens", "pair_norms", "check_pair_signs", "pc_sign",
+    "working_dtype", "working_spec", "reference_pool_output", "canonical_target", "check_directions", "finish_scores",
 ]
 
 
@@ -105,6 +109,79 @@ def target_weights(spec: AttentionPoolSpec, directions: Tensor) -> Tensor:
     return torch.einsum("...hjk,hjn->...hnk", r, wv)
 
 
+def canonical_target(target: Tensor, D: int, B: int, dtype: torch.dtype, device: torch.device,
+                     per_image: Optional[bool] = None) -> tuple[Tensor, str]:
+    """Score targets in the one layout every score is computed in.
+
+    Args:
+        target: one direction (D,), a set of K directions (D, K), or one direction per image (B, D).
+        D, B: the embedding width and the batch size.
+        dtype, device: those of the decomposition (the target is cast to ``dtype``; it must be on ``device``).
+        per_image: which reading of a 2-D target is meant; needed only when B == D makes it ambiguous.
+
+    Returns:
+        ``(directions (1 or B, D, K), kind)`` with kind ``'single'`` | ``'set'`` | ``'per_image'``.
+
+    Raises:
+        ValueError: for a wrong shape, or a direction that is zero or holds NaN/inf (:func:`check_directions`).
+    """
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor of shape (D,), (D, K) or (B, D); got {type(target).__name__}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the decomposition is on {device}; move it with "
+                         "target.to(...)")
+    target = target.to(dtype)
+    if target.dim() == 1:
+        if target.shape[0] != D:
+            raise ValueError(f"target direction has {target.shape[0]} entries; the embedding has D={D}")
+        check_directions(target[None], "target")
+        return target.view(1, D, 1), "single"
+    if target.dim() != 2:
+        raise ValueError(f"target must be (D,), (D, K) or (B, D) with D={D}, B={B}; got {tuple(target.shape)}")
+    as_set, as_per_image = target.shape[0] == D, tuple(target.shape) == (B, D)
+    if per_image is None:
+        if as_set and as_per_image:
+            raise ValueError(f"target of shape {tuple(target.shape)} is ambiguous (B == D == {D}): pass "
+                             "per_image=True or per_image=False")
+        per_image = as_per_image
+    if per_image:
+        if not as_per_image:
+            raise ValueError(f"per-image targets must be (B, D) = ({B}, {D}); got {tuple(target.shape)}")
+        check_directions(target, "per-image target row")
+        return target.unsqueeze(-1), "per_image"
+    if not as_set:
+        raise ValueError(f"target must be (D,), (D, K) or (B, D) with D={D}, B={B}; got {tuple(target.shape)}")
+    check_directions(target.T, "target column")
+    return target.unsqueeze(0), "set"
+
+
+def check_directions(vectors: Tensor, what: str) -> None:
+    """Refuse directions that hold NaN/inf or are zero: a score against them is NaN or meaningless (and a cosine
+    divides by their norm).
+
+    Args:
+        vectors: (N, D), one direction per row.
+        what: how to name row i in the message, e.g. ``"target column"`` -> "target column 3 is zero".
+    """
+    finite = torch.isfinite(vectors).all(dim=-1)
+    zero = finite & (vectors == 0).all(dim=-1)
+    for bad, why in ((~finite, "holds NaN or inf"), (zero, "is zero")):
+        idx = bad.nonzero().flatten().tolist()
+        if idx:
+            name = what if vectors.shape[0] == 1 and what == "target" else f"{what} {idx[0]}"
+            more = f" (and {len(idx) - 1} more: {idx[1:6]})" if len(idx) > 1 else ""
+            raise ValueError(f"{name} {why}{more}: a score against it is undefined. Give finite, non-zero "
+                             "directions (drop or replace that one)")
+
+
+def finish_scores(x: Tensor, kind: str, scale: Optional[Tensor]) -> Tensor:
+    """Scores (B, K, ...) in the caller's layout: divided by the cosine divisor ``scale`` (B, K) when given, and
+    without the K axis unless the target was a set (``kind`` from :func:`canonical_target`)."""
+    if scale is not None:
+        x = x / scale.view(*scale.shape, *([1] * (x.dim() - 2)))
+    return x if kind == "set" else x[:, 0]
+
+
 def interpolate_positional_embedding(pos: Tensor, grid: tuple[int, int]) -> Tensor:
     """Resize a (1 + g*g, C) positional embedding to ``grid`` (bicubic over the grid, row 0 kept)."""
     g = round((pos.shape[0] - 1) ** 0.5)
@@ -121,6 +198,56 @@ def positional_embedding_for(spec: AttentionPoolSpec, grid: tuple[int, int]) -> 
     """The spec's positional embedding (h*w + 1, C) for a layer4 grid (h, w): itself at the native grid,
     interpolated otherwise (:func:`interpolate_positional_embedding`)."""
     return interpolate_positional_embedding(spec.positional_embedding, tuple(grid))
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the decomposition's own maths runs in for a model in ``dtype``: float64 stays float64, anything
+    narrower than float32 (bfloat16, float16) is lifted to float32.
+
+    Low-precision numbers are exact in float32, so the decomposition of bf16/fp16 layer4 features is then exact
+    up to float32 rounding (~1e-7 relative); what remains of a completeness error or convergence delta is the
+    model's own low-precision forward, which they measure against."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def working_spec(spec: AttentionPoolSpec) -> AttentionPoolSpec:
+    """The spec with its pool weights in :func:`working_dtype` (the spec itself when that is its dtype). The
+    trunk, the model's own pool and every module stay as they are: the caller's model is not touched."""
+    dtype = working_dtype(spec.dtype)
+    if dtype == spec.dtype:
+        return spec
+    return replace(spec, **{n: getattr(spec, n).to(dtype) for n in spec.WEIGHT_NAMES})
+
+
+def reference_pool_output(spec: AttentionPoolSpec, features: Tensor, positional_embedding: Tensor) -> Tensor:
+    """The attention pool's output (B, D) computed by torch's own multi-head attention from the pool's parameters:
+    an independent reference where the model's own pool cannot run (another grid on open_clip / OpenAI pools,
+    a spec without a pool).
+
+    The tokens are built here with plain torch operations (not :func:`tokens`) and the attention is
+    ``F.multi_head_attention_forward`` with the mean token as the only query, as CLIP's ``AttentionPool2d`` does;
+    nothing of this module's algebra is reused, so a fault in it shows as a completeness error.
+
+    Args:
+        spec: the attention pool; its weights set the dtype the reference runs in (the model's, for a spec read
+            from the model).
+        features: layer4 output (B, C, h, w).
+        positional_embedding: (h*w + 1, C) for this grid (:func:`positional_embedding_for`).
+
+    Returns:
+        (B, D) in the spec's dtype.
+    """
+    dtype = spec.dtype
+    x = features.to(dtype).flatten(2).permute(2, 0, 1)                            # (hw, B, C)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + positional_embedding.to(dtype)[:, None, :]
+    out, _ = F.multi_head_attention_forward(
+        query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=spec.num_heads,
+        in_proj_weight=None, in_proj_bias=torch.cat([spec.q_bias, spec.k_bias, spec.v_bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+        out_proj_weight=spec.c_weight, out_proj_bias=spec.c_bias, use_separate_proj_weight=True,
+        q_proj_weight=spec.q_weight, k_proj_weight=spec.k_weight, v_proj_weight=spec.v_weight,
+        training=False, need_weights=False)
+    return out[0]
 
 
 def tokens(features: Tensor, pos: Tensor) -> Tensor:

@@ -6,16 +6,52 @@ attributes the decomposition recognises (``readout`` (D, K), ``logit_scale``, ``
 """
 from __future__ import annotations
 
+import string
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LinearReadout", "ZeroShotClassifier", "TextSimilarity", "encode_image", "encode_texts", "logit_factor", "contrastive",
-           "DEFAULT_TEMPLATES"]
+from .pool import check_directions
+
+__all__ = ["LinearReadout", "ZeroShotClassifier", "TextSimilarity", "encode_image", "encode_texts", "logit_factor",
+           "contrastive", "contrastive_columns", "check_templates", "DEFAULT_TEMPLATES"]
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    """Prompt templates as a list, each holding exactly one ``{}`` for the class name (``{{`` / ``}}`` are literal
+    braces); refuses anything else with the reason.
+
+    Without a ``{}`` every class would get the same prompt (and the same read-out column); two ``{}``, or a
+    named / numbered field, would fail inside ``str.format``.
+
+    Args:
+        templates: a sequence of format strings, e.g. ``["a photo of a {}.", "a {}."]``.
+
+    Returns:
+        the templates as a list of str.
+    """
+    if isinstance(templates, str) or not isinstance(templates, Sequence):
+        raise TypeError(f"templates must be a list of format strings such as ['a photo of a {{}}.']; got "
+                        f"{type(templates).__name__} {templates!r}")
+    if not templates:
+        raise ValueError("templates is empty; give at least one, e.g. ['a photo of a {}.']")
+    for i, template in enumerate(templates):
+        if not isinstance(template, str):
+            raise TypeError(f"template {i} is a {type(template).__name__}, not a str: {template!r}")
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        except ValueError as err:
+            raise ValueError(f"template {i} {template!r} is not a valid format string ({err}); write literal "
+                             "braces as '{{' and '}}'") from None
+        if fields != [""]:
+            found = f"{len(fields)} field(s) {['{' + f + '}' for f in fields]}" if fields else "no '{}'"
+            raise ValueError(f"template {i} {template!r} must hold exactly one '{{}}' for the class name; it has "
+                             f"{found}. Write e.g. 'a photo of a {{}}.' (literal braces as '{{{{' and '}}}}')")
+    return list(templates)
 
 
 def encode_image(model: nn.Module, images: Tensor) -> Tensor:
@@ -65,6 +101,7 @@ class LinearReadout(nn.Module):
         super().__init__()
         if readout.dim() != 2:
             raise ValueError(f"readout must be a (D, K) matrix; got shape {tuple(readout.shape)}")
+        check_directions(readout.detach().T, "readout column")
         self.model = model
         param = next(model.parameters())
         self.register_buffer("readout", readout.to(device=param.device, dtype=param.dtype))
@@ -90,13 +127,14 @@ class ZeroShotClassifier(LinearReadout):
                  templates: Sequence[str] = DEFAULT_TEMPLATES, logit_scale: float = 100.0):
         if not class_names:
             raise ValueError("class_names is empty; give at least one class")
+        templates = check_templates(templates)
         rows = []
         for name in class_names:
             emb = encode_texts(model, tokenizer, [t.format(name) for t in templates])
             rows.append(F.normalize(emb.mean(dim=0), dim=-1))
         super().__init__(model, torch.stack(rows, dim=1), logit_scale=logit_scale, normalize=True,
                          labels=class_names)
-        self.templates = list(templates)
+        self.templates = templates
 
 
 class TextSimilarity(LinearReadout):
@@ -107,6 +145,22 @@ class TextSimilarity(LinearReadout):
             raise ValueError("texts is empty; give at least one text")
         super().__init__(model, encode_texts(model, tokenizer, texts).T, logit_scale=logit_scale,
                          normalize=True, labels=texts)
+
+
+def contrastive_columns(readout: Tensor) -> Tensor:
+    """Read-out columns (D, K) minus their mean column: logit k becomes ``logit_k - mean_j logit_j``. The one home
+    of the contrastive read-out, used by :func:`contrastive` and by the attributions' ``contrastive=True``.
+
+    Args:
+        readout: (D, K) with K >= 2.
+
+    Returns:
+        (D, K).
+    """
+    if readout.dim() != 2 or readout.shape[1] < 2:
+        raise ValueError(f"a contrastive read-out needs a (D, K) matrix with K >= 2 outputs to compare; got "
+                         f"{tuple(readout.shape)}")
+    return readout - readout.mean(dim=1, keepdim=True)
 
 
 def contrastive(readout: LinearReadout) -> LinearReadout:
@@ -122,9 +176,6 @@ def contrastive(readout: LinearReadout) -> LinearReadout:
     Returns:
         a new :class:`LinearReadout` over the same model (the model is shared, not copied).
     """
-    W = readout.readout
-    if W.shape[1] < 2:
-        raise ValueError(f"a contrastive read-out needs at least 2 outputs to compare; this one has {W.shape[1]}")
     labels = [f"{name} (vs mean)" for name in readout.labels] if readout.labels else None
-    return LinearReadout(readout.model, W - W.mean(dim=1, keepdim=True), logit_scale=readout.logit_scale,
+    return LinearReadout(readout.model, contrastive_columns(readout.readout), logit_scale=readout.logit_scale,
                          normalize=readout.normalize, labels=labels)

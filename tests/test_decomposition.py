@@ -227,3 +227,105 @@ def test_target_shape_errors(tiny64):
         contrib.scores([0.0] * 64)
     with pytest.raises(ValueError, match="sink"):
         nha.decompose(tiny64, images_for(tiny64), sink="mean")
+
+
+def _paper_token_entries(model, x, e):
+    """The NAD paper's code for token-level maps under the split bias, written out from the weights with dense
+    loops (none of nha_plugin's helpers): token m gets ``sum_h a[h,m] W_o^h (W_v^h z_m + b_v^h) + b_o / T``, and
+    the spatial cell t its own entry without the positional embedding, plus 1/hw of the mean token's
+    (``sum_h (a[h,t] + a[h,0] / hw) W_o^h (W_v^h F_t + b_v^h) + b_o / hw``). Returns (token (B, T), spatial
+    (B, h, w)) scores against e."""
+    pool = model.visual.attnpool
+    with torch.no_grad():
+        feats = get_spec(model).trunk(x)
+        B, C, h, w = feats.shape
+        H, d = pool.num_heads, C // pool.num_heads
+        flat = feats.reshape(B, C, h * w).transpose(1, 2)                           # (B, hw, C)
+        z = torch.cat([flat.mean(1, keepdim=True), flat], dim=1) + pool.positional_embedding
+        T = z.shape[1]
+        Wq, Wk, Wv, Wo = pool.q_proj.weight, pool.k_proj.weight, pool.v_proj.weight, pool.c_proj.weight
+        bq, bk, bv, bo = pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias, pool.c_proj.bias
+        token = torch.zeros(B, T, dtype=x.dtype)
+        spatial = torch.zeros(B, h * w, dtype=x.dtype)
+        for b in range(B):
+            for hh in range(H):
+                rows = slice(hh * d, (hh + 1) * d)
+                q = Wq[rows] @ z[b, 0] + bq[rows]
+                logits = torch.stack([q @ (Wk[rows] @ z[b, m] + bk[rows]) for m in range(T)]) / d ** 0.5
+                a = torch.softmax(logits, dim=0)
+                for m in range(T):
+                    token[b, m] += a[m] * (Wo[:, rows] @ (Wv[rows] @ z[b, m] + bv[rows])) @ e
+                for t in range(h * w):
+                    share = a[t + 1] + a[0] / (h * w)
+                    spatial[b, t] += share * (Wo[:, rows] @ (Wv[rows] @ flat[b, t] + bv[rows])) @ e
+        token += (bo @ e) / T
+        spatial += (bo @ e) / (h * w)
+    return token, spatial.view(B, h, w)
+
+
+def test_split_bias_at_token_and_spatial_level_is_the_papers_code(tiny64):
+    x = images_for(tiny64, batch=2, seed=7)
+    e = torch.randn(64, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    token, spatial = _paper_token_entries(tiny64, x, e)
+    split = nha.decompose(tiny64, x, bias="split")
+    torch.testing.assert_close(split.scores(e, "token"), token, rtol=0, atol=scaled_tol(token, 1e-11))
+    torch.testing.assert_close(split.scores(e, "spatial"), spatial, rtol=0, atol=scaled_tol(spatial, 1e-11))
+    # still complete with the reported terms: positional (spatial) and nothing else under keep
+    total = spatial.flatten(1).sum(1) + split.positional_score(e)
+    torch.testing.assert_close(total, split.total_score(e), rtol=0, atol=scaled_tol(total, 1e-11))
+    torch.testing.assert_close(token.sum(1), split.total_score(e), rtol=0, atol=scaled_tol(total, 1e-11))
+
+
+def test_nan_and_zero_targets_are_refused_by_name(tiny64):
+    contrib = nha.decompose(tiny64, images_for(tiny64))
+    good = torch.randn(64, 4, dtype=torch.float64)
+    cases = [(torch.full((64,), float("nan"), dtype=torch.float64), "target holds NaN"),
+             (torch.zeros(64, dtype=torch.float64), "target is zero"),
+             (good.index_fill(1, torch.tensor([2]), 0.0), "target column 2 is zero"),
+             (good.index_fill(1, torch.tensor([1, 3]), float("inf")), "target column 1 holds NaN or inf"),
+             (good[:, :2].T.index_fill(0, torch.tensor([1]), 0.0), "per-image target row 1 is zero")]
+    for target, message in cases:
+        for call in (contrib.scores, contrib.completeness_error, contrib.bias_score):
+            with pytest.raises(ValueError, match=message):
+                call(target)
+    assert torch.isfinite(contrib.scores(good)).all()
+
+
+@pytest.mark.parametrize("option", ["sink", "bias"])
+def test_empty_mode_names_are_refused_not_defaulted(tiny64, option):
+    with pytest.raises(ValueError, match=f"{option} must be one of"):
+        nha.decompose(tiny64, images_for(tiny64), **{option: ""})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_decompose_in_float32_within_the_stated_bound(dtype):
+    """A bf16 / fp16 model: the decomposition's maths runs in float32 from the model's own low-precision layer4
+    features, so it agrees with a float32 copy of the pool run on those features to float32 rounding; against the
+    model's own low-precision pool the error stays below the dtype's machine epsilon (the bound the docstrings
+    state); the Captum delta obeys ``eps * logit_scale * ||w||``; the caller's model is left as it was."""
+    import copy
+
+    from nha_plugin.harness import LinearReadout
+    model = make_tiny(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = images_for(model, batch=2, dtype=dtype)
+    e = torch.randn(64, 3, generator=torch.Generator().manual_seed(5))
+    contrib = nha.decompose(model, x)
+    assert contrib.attention.dtype == contrib.pair_coefficients.dtype == torch.float32
+    eps = torch.finfo(dtype).eps
+    assert contrib.completeness_error().max() <= eps
+    assert contrib.completeness_error(e, level="spatial").max() <= eps
+    # independent float32 reference on the very same low-precision features: exact to float32 rounding, which
+    # maths run in bf16 / fp16 could not be
+    with torch.no_grad():
+        feats = get_spec(model).trunk(x)
+        y32 = copy.deepcopy(model.visual.attnpool).float()(feats.float())
+    torch.testing.assert_close(contrib.embedding, y32, rtol=0, atol=scaled_tol(y32, 1e-5))
+    assert (contrib.embedding - y32).norm(dim=-1).max() < 0.1 * eps * y32.norm(dim=-1).min()
+    columns = F.normalize(e.to(dtype), dim=0)
+    head = LinearReadout(model, columns, logit_scale=100.0, normalize=True)
+    _, delta = nha.NeuronHeadAttribution(head).attribute(x, target=[0, 2], return_convergence_delta=True)
+    assert delta.dtype == torch.float32 and delta.abs().max() <= eps * 100.0 * columns.float().norm(dim=0).max()
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert not model.training

@@ -148,3 +148,36 @@ def test_transformer_lens_cache_agrees_with_contributions(tiny64):
     assert torch.allclose(heads.sum(0) + get_spec(tiny64).c_bias.detach() @ e, contrib.embedding @ e, atol=1e-10)
     with pytest.raises(KeyError, match="names_filter"):
         tl.run_with_cache(x, names_filter=["attnpool.hook_out"])[1].stack_neuron_results()
+
+
+def test_transformer_lens_wrapper_never_splits_the_callers_model():
+    """Moving the wrapper would move the attention pool it registers but not the trunk: refused before anything
+    moves; no-op moves pass; the caller's model keeps running and agreeing; moving the model itself carries the
+    wrapper along; train()/eval() leave the model's modules alone."""
+    tl_mod = pytest.importorskip("nha_plugin.adapters.transformer_lens")
+    from conftest import make_tiny
+    model = make_tiny(torch.float64)
+    tl = tl_mod.HookedCLIPResNet(model)
+    x = images_for(model)
+    kinds = [(t.dtype, t.device) for t in [*model.parameters(), *model.buffers()]]
+    with torch.no_grad():
+        before = model.encode_image(x)
+    for move in (lambda m: m.float(), lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.to(torch.float32),
+                 lambda m: m.to("meta")):
+        with pytest.raises(RuntimeError, match="Move or cast the model itself"):
+            move(tl)
+    assert [(t.dtype, t.device) for t in [*model.parameters(), *model.buffers()]] == kinds   # nothing moved
+    assert tl.double() is tl and tl.to("cpu") is tl and tl.to(torch.float64) is tl       # no-ops pass
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(x), before, rtol=0, atol=0)
+        torch.testing.assert_close(tl(x), before, rtol=0, atol=1e-12 * float(before.abs().max()))
+    tl.train()
+    assert tl.training and tl.hook_layer4.training and not model.visual.attnpool.training
+    tl.eval()
+    model.float()                                                       # the caller moves the model: tl follows
+    xf = x.float()
+    with torch.no_grad():
+        y32 = model.encode_image(xf)
+        torch.testing.assert_close(tl(xf), y32, rtol=0, atol=1e-5 * float(y32.abs().max()))
+        _, cache = tl.run_with_cache(xf)
+    assert cache.contributions().completeness_error().max() <= 1e-4

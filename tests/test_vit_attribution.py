@@ -9,7 +9,8 @@ from nha_plugin import vit
 from nha_plugin.harness import TextSimilarity, ZeroShotClassifier
 from nha_plugin.vit.attribution import GRANULARITIES
 
-from conftest import assert_noise_tunnel_keeps_exact_deltas, assert_target_forms_agree, images_for, make_tiny
+from conftest import (assert_noise_tunnel_keeps_exact_deltas, assert_target_forms_agree, images_for, make_tiny,
+                      scaled_tol)
 
 CLASSES = ["cat", "dog", "car", "tree"]
 SHAPES = {"spatial": (3, 1, 4, 4), "head": (3, 3, 4), "layer": (3, 7), "token": (3, 3, 4, 17)}
@@ -127,3 +128,37 @@ def test_shares_the_readout_base(classifier, x):
     assert isinstance(nad, ReadoutAttribution) and nad.layer is classifier.model.visual.transformer.resblocks[-1]
     with pytest.raises(ValueError, match="attribute_to_layer_input"):
         nad.attribute(x, target=0, attribute_to_layer_input=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_vit_decomposes_in_float32_within_the_stated_bound(dtype):
+    """A bf16 / fp16 CLIP-ViT: the decomposition's maths runs in float32, so its components add up to its own
+    embedding to float32 rounding; against the model's own low-precision ``encode_image`` the completeness error
+    and the delta stay below the documented ``(L + 1) * eps``; the caller's model is left as it was."""
+    import torch.nn.functional as F
+
+    from conftest import make_tiny_vit
+    from nha_plugin.harness import LinearReadout
+    model = make_tiny_vit(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = images_for(64, batch=2, dtype=dtype)
+    contrib = vit.decompose(model, x)
+    L, eps = contrib.spec.layers, torch.finfo(dtype).eps
+    assert contrib.embedding.dtype == torch.float32
+    e = torch.randn(32, 2, generator=torch.Generator().manual_seed(5))
+    # its components add up to its own embedding to float32 rounding (bf16 / fp16 maths could not)
+    parts, rest = contrib.scores_and_rest(e, level="component")
+    own = contrib.embedding @ e
+    torch.testing.assert_close(parts.sum(dim=-1) + rest, own, rtol=0, atol=scaled_tol(own, 1e-5) * e.norm())
+    with torch.no_grad():
+        y = model.encode_image(x).float()
+    assert contrib.completeness_error().max() <= (L + 1) * eps
+    assert contrib.completeness_error(e, level="spatial").max() <= (L + 1) * eps
+    columns = F.normalize(torch.randn(32, 3, generator=torch.Generator().manual_seed(6)), dim=0).to(dtype)
+    head = LinearReadout(model, columns, logit_scale=100.0, normalize=True)
+    _, delta = vit.ViTAttribution(head).attribute(x, target=[0, 2], return_convergence_delta=True)
+    assert delta.abs().max() <= (L + 1) * eps * 100.0
+    # and it points where the model's own low-precision embedding does, to the same bound
+    assert F.cosine_similarity(contrib.embedding, y).min() > 1 - (L + 1) * eps
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
