@@ -1,6 +1,7 @@
 """Every figure in the README comes from benchmarks/results/: the result blocks equal the files they name, and
 no number is typed into the README's prose outside a block."""
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -52,3 +53,12 @@ def test_a_block_is_refilled_from_its_file_and_section(tmp_path):
         RB.render("<!-- results:r.md#C -->\n<!-- /results -->", page, results)
     with pytest.raises(FileNotFoundError, match="run the benchmark"):
         RB.render("<!-- results:missing.md -->\n<!-- /results -->", page, results)
+
+
+def test_zoo_results_markdown_is_the_scripts_rendering_of_its_json():
+    spec = importlib.util.spec_from_file_location("zoo_scenes", ROOT / "benchmarks" / "zoo_scenes.py")
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)
+    result = json.loads((RB.RESULTS / "zoo_scenes.json").read_text())
+    assert (RB.RESULTS / "zoo_scenes.md").read_text() == zoo.markdown(result)
+    assert set(result["models"]) == set(zoo.MODELS) and result["n_per_task"] >= 1000
