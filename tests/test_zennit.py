@@ -1,7 +1,6 @@
 """zennit front door: the CLIP composites registered by importing the harness, the silent misuse refused, and
 the per-layer conservation table checked against conservation where LRP must conserve and against the input
 relevance of an independent lrp_attribute call."""
-import copy
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from zennit.attribution import Gradient
 from nha_plugin.adapters import zennit as Z
 from nha_plugin.readout import LinearReadout
 
-from conftest import images_for
+from conftest import images_for, make_bias_free
 
 
 def _head(model, seed=3):
@@ -43,26 +42,11 @@ def test_composite_on_a_cosine_readout_is_refused_and_leaves_the_model(tiny64):
     assert not hasattr(block, "canonizer_sum") and "forward" not in block.__dict__
 
 
-def _bias_free(model):
-    """No BatchNorm shifts, pool biases or positional embedding: nothing can absorb relevance."""
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.bias.zero_()
-                mod.running_mean.zero_()
-        pool = m.visual.attnpool
-        pool.positional_embedding.zero_()
-        for lin in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
-            lin.bias.zero_()
-    return m
-
-
 def test_conservation_table(tiny64):
     t = torch.tensor([1, 4])
     x = images_for(tiny64, batch=2)
     # without biases every stage conserves the logit (LRP's defining property)
-    rows = Z.conservation_table(_head(_bias_free(tiny64)), x, t, Z.CLIPResNetEpsilonPlus())
+    rows = Z.conservation_table(_head(make_bias_free(tiny64)), x, t, Z.CLIPResNetEpsilonPlus())
     assert [r["stage"] for r in rows] == ["logit", "attnpool", "layer4", "layer3", "layer2", "layer1", "input"]
     for r in rows:
         torch.testing.assert_close(r["fraction"], torch.ones(2, dtype=torch.float64), atol=0.03, rtol=0)
