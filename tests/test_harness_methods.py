@@ -168,18 +168,8 @@ def test_self_self_with_sdpa(head64, tiny64):
 
 def test_class_attention_matches_torch_mha(head64, tiny64):
     x = images_for(tiny64, batch=2)
-    pool = tiny64.visual.attnpool
-    with torch.no_grad():
-        feats = nha.adapters.get_spec(tiny64).trunk(x)
-        t = feats.flatten(2).permute(2, 0, 1)
-        t = torch.cat([t.mean(0, keepdim=True), t]) + pool.positional_embedding[:, None]
-        _, w = F.multi_head_attention_forward(
-            t[:1], t, t, t.shape[-1], pool.num_heads, None,
-            torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
-            pool.c_proj.weight, pool.c_proj.bias, training=False, need_weights=True, use_separate_proj_weight=True,
-            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
-            average_attn_weights=True)
-    expected = w[:, 0, 1:].view(2, *feats.shape[-2:])
+    feats, _, a, _, _ = _dense_pool(tiny64, x)                             # a: (B, H, T), torch's attention
+    expected = a.mean(1)[:, 1:].view(2, *feats.shape[-2:])                  # averaged over heads, cells only
     assert torch.allclose(HM.explain("class_attention", head64, x, 0).raw, expected, atol=1e-12)
 
 
