@@ -48,8 +48,10 @@ from zennit.layer import Sum  # noqa: E402
 
 __all__ = ["CLIPBatchNormCanonizer", "CLIPBottleneckCanonizer", "AttentionPoolCanonizer", "CLIPResNetCanonizer",
            "CLIPResNetEpsilonGammaBox", "CLIPResNetEpsilonPlus", "LRPReadout", "lrp_readout", "lrp_attribute",
-           "CLIP_MEAN", "CLIP_STD"]
+           "conservation_error", "conservation_table", "COMPOSITE_NAMES", "CLIP_MEAN", "CLIP_STD"]
 
+# the names under which importing this module registers the composites in zennit.composites.COMPOSITES
+COMPOSITE_NAMES = ("clip_resnet_epsilon_gamma_box", "clip_resnet_epsilon_plus")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -174,10 +176,29 @@ class AttentionPoolCanonizer(AttributeCanonizer):
 
 
 class CLIPResNetCanonizer(CompositeCanonizer):
-    """BatchNorm merging + explicit residual sums + the attention pool's AH rule, for CLIP ModifiedResNets."""
+    """BatchNorm merging + explicit residual sums + the attention pool's AH rule, for CLIP ModifiedResNets.
+
+    Applied to a cosine read-out (``ZeroShotClassifier``, ``TextSimilarity``, ``LinearReadout`` with
+    ``normalize=True``) instead of its :func:`lrp_readout`, it raises: there the embedding's norm is a traced
+    function of the image, the rules would propagate through the division and the relevance would silently
+    change (signs included)."""
 
     def __init__(self):
         super().__init__([CLIPBatchNormCanonizer(), CLIPBottleneckCanonizer(), AttentionPoolCanonizer()])
+
+    def apply(self, root_module: nn.Module):
+        if _is_cosine_readout(root_module):
+            raise ValueError(
+                f"the CLIP-ResNet LRP composite was applied to a cosine read-out ({type(root_module).__name__}); "
+                "its normalisation has no LRP rule and the relevance would be wrong without an error. Apply it to "
+                "nha_plugin.adapters.zennit.lrp_readout(forward) instead (or call lrp_attribute(forward, ...))")
+        return super().apply(root_module)
+
+
+def _is_cosine_readout(module: nn.Module) -> bool:
+    """A read-out recognised by its attributes (never by importing it) that divides by the embedding's norm."""
+    return (not isinstance(module, LRPReadout) and isinstance(getattr(module, "readout", None), Tensor)
+            and bool(getattr(module, "normalize", False)) and hasattr(module, "logit_scale"))
 
 
 def _bounds(mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor]:
@@ -278,3 +299,55 @@ def conservation_error(relevance: Tensor, logits: Tensor, target: Tensor) -> Ten
     target = torch.as_tensor(target, dtype=torch.long, device=logits.device).flatten().expand(logits.shape[0])
     total = logits.gather(1, target[:, None])[:, 0]
     return (relevance.flatten(start_dim=1).sum(dim=1) - total).abs() / total.abs().clamp_min(1e-12)
+
+
+def conservation_table(forward: nn.Module, images: Tensor, target: Tensor, composite=None,
+                       stages: Sequence[str] = ("layer1", "layer2", "layer3", "layer4", "attnpool")) -> list:
+    """Where relevance is lost: the relevance entering each stage of the image tower, as a fraction of the logit.
+
+    The relevance at a stage is the sum over the stage's output of what the rules above it passed down (zennit
+    hands it as the gradient of that tensor); "input" is the pixels' relevance. A conserving rule keeps the
+    fraction; biases, merged BatchNorm shifts and the positional embedding absorb what a stage loses.
+
+    Args:
+        forward: a linear read-out (as for :func:`lrp_attribute`).
+        images: (B, 3, S, S).
+        target: int or (B,) read-out columns.
+        composite: the zennit composite (default :class:`CLIPResNetEpsilonGammaBox`).
+        stages: submodules of the image tower, bottom to top.
+
+    Returns:
+        Rows top-down ``{"stage", "relevance" (B,) sums, "fraction" (B,) relevance / logit, "lost" (B,) fraction
+        lost between this stage and the one above}``: first ``"logit"`` (fraction 1), then the stages from the
+        top, last ``"input"``.
+    """
+    head = lrp_readout(forward)
+    composite = composite if composite is not None else CLIPResNetEpsilonGammaBox()
+    target = torch.as_tensor(target, dtype=torch.long, device=images.device).flatten().expand(images.shape[0])
+    outputs: dict = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            output.retain_grad()
+            outputs[name] = output
+        return hook
+
+    x = images.detach().clone().requires_grad_(True)
+    with Gradient(model=head, composite=composite) as attributor:
+        # registered after the composite's own hooks, so the tensors kept are the ones its rules pass relevance to
+        handles = [getattr(head.visual, name).register_forward_hook(keep(name)) for name in stages]
+        try:
+            logits, relevance = attributor(x, lambda out: out * F.one_hot(target, out.shape[1]).to(out))
+        finally:
+            for h in handles:
+                h.remove()
+    logit = logits.detach().gather(1, target[:, None])[:, 0]
+    sums = [("logit", logit)] + [(n, outputs[n].grad.flatten(1).sum(1)) for n in reversed(stages)]
+    sums.append(("input", relevance.flatten(1).sum(1)))
+    rows, above = [], None
+    for name, total in sums:
+        fraction = (total / logit).detach()
+        rows.append({"stage": name, "relevance": total.detach(), "fraction": fraction,
+                     "lost": torch.zeros_like(fraction) if above is None else above - fraction})
+        above = fraction
+    return rows

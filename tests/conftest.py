@@ -393,3 +393,20 @@ def make_tiny_timm(dtype=torch.float64, seed: int = 0, **options) -> nn.Module:
             if name.endswith("gamma"):
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     return model.eval().to(dtype)
+
+
+def make_bias_free(model: nn.Module) -> nn.Module:
+    """A copy of a CLIP-ResNet with no BatchNorm shifts, attention-pool biases or positional embedding: nothing
+    can absorb LRP relevance, so a conserving propagation must keep the logit."""
+    import copy                                  # here: helpers are only appended to this file
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.bias.zero_()
+                mod.running_mean.zero_()
+        pool = m.visual.attnpool
+        pool.positional_embedding.zero_()
+        for lin in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+            lin.bias.zero_()
+    return m

@@ -1,11 +1,16 @@
 """Intervals and paired comparisons of the benchmark (harness.confidence) against scipy's own bootstrap, the
 results.json fields, escaping of user strings in results.md, and strict JSON."""
+import json
+import math
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from nha_plugin.harness import confidence as CI
+from nha_plugin.harness import registry as HR
+from nha_plugin.harness import report
+from nha_plugin.harness.runner import BenchmarkConfig
 
 
 def _close_interval(ours, theirs, values_scale):
@@ -77,3 +82,63 @@ def test_paired_comparison_agrees_with_scipy_and_uses_only_common_images():
     unpaired = stats.bootstrap((method_vals,), np.mean, n_resamples=2000, method="percentile",
                                random_state=np.random.default_rng(0)).confidence_interval
     assert cmp["ci95"][1] - cmp["ci95"][0] < 0.5 * (unpaired.high - unpaired.low)
+
+
+@pytest.fixture
+def odd_method():
+    name = "odd | <b>name</b>\nx"
+    HR.register_method(name, family="user", description="a | pipe and <script>alert(1)</script>")(
+        lambda forward, images, target: images.mean(1))
+    yield name
+    HR.METHODS.pop(name, None)
+
+
+def _records(n, scale):
+    rng = np.random.default_rng(int(scale * 10))
+    return [{"index": i, "pointing_game": float(rng.random() < 0.3 + 0.4 * scale), "mass_in_mask": rng.random() * scale,
+             "seconds_per_image": 0.01, "segmentation": {"correct": 90.0, "labelled": 100.0, "inter0": 40.0,
+                                                         "union0": 60.0, "inter1": 30.0, "union1": 50.0,
+                                                         "ap": math.nan if i == 0 else 0.5 * scale}}
+            for i in range(n)]
+
+
+def test_results_fields_escaping_and_strict_json(odd_method):
+    cfg = BenchmarkConfig(seed=7)
+    classes = ["cat | dog", "<img src=x onerror=alert(1)>"]
+    records = {"nad_spatial": _records(12, 1.0), odd_method: _records(12, 0.2), "centre": _records(12, 0.5)}
+    results = report.summarise(cfg, records, "scenes in /tmp/a|b", 0.5, classes)
+    text = json.dumps(results, allow_nan=False)                   # strict JSON: no NaN anywhere
+    assert json.loads(text)["format"] == report.FORMAT
+    assert results["protocol"]["statistics"]["reference"] == "nad_spatial"
+    assert results["metrics"]["deletion_auc"]["direction"] == "lower"
+    nad = results["methods"]["nad_spatial"]
+    assert "vs_reference" not in nad
+    for key in ("pointing_game", "mass_in_mask", "pixacc", "miou", "map"):
+        e = nad[key]
+        assert e["ci95"][0] <= e["mean"] <= e["ci95"][1] and e["n"] == 12, key
+    assert nad["map"]["mean"] == pytest.approx(0.5) and nad["pixacc"]["sem"] is None   # image 0 (AP NaN) left out
+    vs = results["methods"][odd_method]["vs_reference"]
+    assert vs["reference"] == "nad_spatial" and vs["metrics"]["mass_in_mask"]["verdict"] == "worse"
+    assert vs["metrics"]["mass_in_mask"]["n_pairs"] == 12
+    md = report.markdown(results)
+    assert "<script>" not in md and "<b>" not in md and "<img" not in md
+    # every table row of results.md has as many cells as its header (no cell split by a user's pipe)
+    for block in md.split("\n\n"):
+        rows = [ln for ln in block.splitlines() if ln.startswith("|")]
+        if rows:
+            cells = {len([c for c in _split_cells(ln)]) for ln in rows}
+            assert len(cells) == 1, block
+    assert "odd \\| &lt;b&gt;name&lt;/b&gt; x" in md and "cat \\| dog" in md
+
+
+def _split_cells(line):
+    """Cells of a Markdown table row: split on pipes not escaped with a backslash."""
+    out, cur, prev = [], "", ""
+    for ch in line.strip().strip("|"):
+        if ch == "|" and prev != "\\":
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+        prev = ch
+    return out + [cur]

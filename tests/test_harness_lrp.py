@@ -17,27 +17,13 @@ from zennit.attribution import Gradient
 from zennit.composites import COMPOSITES
 from zennit.core import Composite
 
-from conftest import images_for
+from conftest import images_for, make_bias_free
 
 
 def _head(model, seed=3):
     g = torch.Generator().manual_seed(seed)
     return LinearReadout(model, F.normalize(torch.randn(64, 5, generator=g, dtype=torch.float64), dim=0),
                          logit_scale=100.0)
-
-
-def _bias_free(model):
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.bias.zero_()
-                mod.running_mean.zero_()
-        pool = m.visual.attnpool
-        pool.positional_embedding.zero_()
-        for lin in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
-            lin.bias.zero_()
-    return m
 
 
 def test_composites_registered_and_constructible_without_arguments():
@@ -69,7 +55,7 @@ def test_conservation_without_biases(tiny64, composite):
     """Biases (merged BatchNorm shifts, pool biases, positional embedding) absorb relevance by design; without
     them the canonized propagation must conserve the logit (the plain gradient with ``out += identity`` doubles
     relevance at every residual; a Pass'd attention softmax leaks it)."""
-    head = _head(_bias_free(tiny64))
+    head = _head(make_bias_free(tiny64))
     x = images_for(tiny64, batch=2)
     t = torch.tensor([1, 4])
     relevance, logits = Z.lrp_attribute(head, x, t, composite())

@@ -69,40 +69,69 @@ def test_nad_completeness_and_sink(head32):
     assert torch.allclose(interp[..., -1, -1], (keep[..., -1, -2] + keep[..., -2, -1] + keep[..., -2, -2]) / 3)
 
 
-def test_nad_heads_matches_token_scores(head64, tiny64):
+def _dense_pool(model, x):
+    """The attention pool computed densely from the model's own modules, independently of nha_plugin.pool:
+    torch's multi-head attention for the per-head class attention a (B, H, T) and the output y (B, D), and per
+    head the value path W_o^h W_v^h of any (B, T, C) tokens as a (B, H, T, D) table."""
+    pool = model.visual.attnpool
+    with torch.no_grad():
+        feats = nha.adapters.get_spec(model).trunk(x)                        # (B, C, h, w)
+        flat = feats.flatten(2).permute(2, 0, 1)                              # (hw, B, C)
+        t = torch.cat([flat.mean(0, keepdim=True), flat]) + pool.positional_embedding[:, None]
+        y, a = F.multi_head_attention_forward(
+            t[:1], t, t, t.shape[-1], pool.num_heads, None,
+            torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
+            pool.c_proj.weight, pool.c_proj.bias, training=False, need_weights=True, use_separate_proj_weight=True,
+            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+            average_attn_weights=False)
+    H = pool.num_heads
+    d = pool.v_proj.weight.shape[0] // H
+
+    def value_path(tokens, bias=False):
+        out = []
+        for h in range(H):
+            hs = slice(h * d, (h + 1) * d)
+            v = tokens @ pool.v_proj.weight[hs].T + (pool.v_proj.bias[hs] if bias else 0)
+            out.append(v @ pool.c_proj.weight[:, hs].T)
+        return torch.stack(out, dim=1)
+
+    return feats, t.permute(1, 0, 2), a[:, :, 0], y[0], value_path
+
+
+def test_nad_maps_against_dense_attention_pool(head64, tiny64):
+    """nad_spatial, nad_heads and nad_neurons against their definitions (docs/methods.md §1) computed densely
+    from the model's modules and torch's attention, and nad_spatial's completeness against the model's logit."""
     x = images_for(tiny64, batch=2)
     t = torch.tensor([0, 3])
-    raw = HM.explain("nad_heads", head64, x, t).raw                      # (B, h, w), sink interpolated
-    contrib = nha.decompose(tiny64, x)
-    e = head64.readout[:, t].T
-    tok = contrib.scores(e, level="token", per_image=True)[:, 1:]         # sum_h a[h,t] z_t . g_h
-    spec = contrib.spec
-    H, d = spec.num_heads, spec.head_dim
-    head_bias = torch.stack([spec.c_weight[:, h * d:(h + 1) * d] @ spec.v_bias[h * d:(h + 1) * d] for h in range(H)])
-    bias_share = torch.einsum("bht,hD,bD->bt", contrib.attention[:, :, 1:], head_bias, e)
-    expected = (tok + bias_share) * 100.0 / contrib.embedding.norm(dim=-1, keepdim=True)
-    got = raw.flatten(1)
-    assert torch.allclose(got[:, :-1], expected[:, :-1], atol=1e-10)
-    # with the class token's share, the bias and the positional-free terms it is the logit: sum over all tokens
-    full = contrib.scores(e, level="token", per_image=True).sum(1) + torch.einsum(
-        "bht,hD,bD->b", contrib.attention, head_bias, e) + e @ spec.c_bias
-    assert torch.allclose(full * 100.0 / contrib.embedding.norm(dim=-1), head64(x).gather(1, t[:, None])[:, 0])
-
-
-def test_nad_neurons_definition(head64, tiny64):
-    x = images_for(tiny64, batch=1)
-    raw = HM.explain("nad_neurons", head64, x, 1).raw[0]
-    spec = nha.adapters.get_spec(tiny64)
+    feats, z, a, y, value_path = _dense_pool(tiny64, x)
+    B, C, h, w = feats.shape
+    e = head64.readout[:, t].T                                               # (B, D)
+    f = 100.0 / y.norm(dim=-1)                                               # cosine read-out, logit scale 100
     with torch.no_grad():
-        feats = spec.trunk(x)[0]
-        contrib = nha.decompose(tiny64, x)
-    e = head64.readout[:, 1]
-    g = torch.stack([(spec.c_weight[:, h * 64:(h + 1) * 64].T @ e) @ spec.v_weight[h * 64:(h + 1) * 64]
-                     for h in range(spec.num_heads)])                      # (H, C)
-    w = (g * contrib.attention[0, :, 1:].mean(-1)[:, None]).sum(0)
-    expected = torch.einsum("nij,n->ij", feats, w) * 100.0 / contrib.embedding[0].norm()
-    assert torch.allclose(raw[:-1, :], expected[:-1, :], atol=1e-10)
-    assert torch.allclose(raw[-1, :-1], expected[-1, :-1], atol=1e-10)
+        F_t = feats.flatten(2).transpose(1, 2)                               # (B, hw, C)
+        per_cell = torch.einsum("bhtd,bd->bht", value_path(F_t), e)          # e . W_o^h W_v^h F_t
+        # spatial: each cell's own term plus 1/hw of the mean token's spatial part, per head
+        spatial = ((a[:, :, 1:] + a[:, :, :1] / (h * w)) * per_cell).sum(1) * f[:, None]
+        heads = (a * torch.einsum("bhtd,bd->bht", value_path(z, bias=True), e)).sum(1)[:, 1:]   # tokens 1..hw
+        neurons = (a[:, :, 1:].mean(-1, keepdim=True) * per_cell).sum(1) * f[:, None]
+        logit = head64(x).gather(1, t[:, None])[:, 0]
+        pos = (a * torch.einsum("bhtd,bd->bht", value_path(tiny64.visual.attnpool.positional_embedding[None]
+                                                           .expand(B, -1, -1)), e)).sum((1, 2))
+        bias = torch.einsum("bhd,bd->b", value_path(torch.zeros(B, 1, C, dtype=x.dtype), bias=True)[:, :, 0], e)
+        bias = bias + e @ tiny64.visual.attnpool.c_proj.bias
+    got = HM.explain("nad_spatial", head64, x, t)
+    torch.testing.assert_close(got.raw.reshape(B, -1), spatial, rtol=1e-9, atol=1e-10)
+    # the map plus the positional and bias terms is the model's own logit
+    torch.testing.assert_close(got.raw.reshape(B, -1).sum(1) + (pos + bias) * f, logit, rtol=1e-9, atol=1e-9)
+    assert got.completeness_error.max() < 1e-9
+    # heads and neurons maps: the sink cell (the last) is interpolated, the others are the definition
+    got_heads = HM.explain("nad_heads", head64, x, t).raw.reshape(B, -1)
+    torch.testing.assert_close(got_heads[:, :-1], (heads * f[:, None])[:, :-1], rtol=1e-9, atol=1e-10)
+    got_neurons = HM.explain("nad_neurons", head64, x, t).raw.reshape(B, -1)
+    torch.testing.assert_close(got_neurons[:, :-1], neurons[:, :-1], rtol=1e-9, atol=1e-10)
+    for got_map in (got_heads, got_neurons):                                 # W, N, NW neighbours of the sink
+        grid = got_map.view(B, h, w)
+        torch.testing.assert_close(grid[:, -1, -1], (grid[:, -1, -2] + grid[:, -2, -1] + grid[:, -2, -2]) / 3)
 
 
 def test_maskclip_as_1x1_convolutions(head64, tiny64):
@@ -139,18 +168,8 @@ def test_self_self_with_sdpa(head64, tiny64):
 
 def test_class_attention_matches_torch_mha(head64, tiny64):
     x = images_for(tiny64, batch=2)
-    pool = tiny64.visual.attnpool
-    with torch.no_grad():
-        feats = nha.adapters.get_spec(tiny64).trunk(x)
-        t = feats.flatten(2).permute(2, 0, 1)
-        t = torch.cat([t.mean(0, keepdim=True), t]) + pool.positional_embedding[:, None]
-        _, w = F.multi_head_attention_forward(
-            t[:1], t, t, t.shape[-1], pool.num_heads, None,
-            torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
-            pool.c_proj.weight, pool.c_proj.bias, training=False, need_weights=True, use_separate_proj_weight=True,
-            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
-            average_attn_weights=True)
-    expected = w[:, 0, 1:].view(2, *feats.shape[-2:])
+    feats, _, a, _, _ = _dense_pool(tiny64, x)                             # a: (B, H, T), torch's attention
+    expected = a.mean(1)[:, 1:].view(2, *feats.shape[-2:])                  # averaged over heads, cells only
     assert torch.allclose(HM.explain("class_attention", head64, x, 0).raw, expected, atol=1e-12)
 
 

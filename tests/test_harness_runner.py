@@ -72,10 +72,15 @@ def test_run_writes_results_and_resumes(head, tmp_path, counting_method, capsys)
     assert "completeness_error" not in saved["methods"]["centre"]
     assert saved["methods"]["centre"]["randomisation_spearman"]["mean"] == pytest.approx(1.0)   # ignores the model
     assert 0 <= nad["pixacc"]["mean"] <= 1 and "| nad_spatial |" in (out / "results.md").read_text()
-    assert "nad_spatial" in capsys.readouterr().out or cfg.quiet
+    assert capsys.readouterr().out == ""                                   # quiet: no table on stdout
     # calls: image 0; max-sensitivity on it (1 perturbation; the original map is reused); randomisation
     # (1 stage); then image 1
     assert counting_method == [1, 1, 1, 1]
+    # not quiet: the same run (nothing recomputed) prints its table, one row per method
+    run_benchmark(dataclasses.replace(cfg, quiet=False), forward=head, items=_items(), classes=["a", "b", "c"])
+    printed = capsys.readouterr().out
+    assert counting_method == [1, 1, 1, 1]
+    assert [line.split()[0] for line in printed.splitlines()[2:5]] == ["nad_spatial", "test_counting", "centre"]
     # a killed run: drop the last record, rerun -> only that image is recomputed
     rec = out / "test_counting.records.jsonl"
     lines = rec.read_text().splitlines()
@@ -121,8 +126,15 @@ def _rows(out, method):
 
 
 def _scores(results):
-    return json.dumps({m: {k: v for k, v in e.items() if k != "seconds_per_image"}
-                       for m, e in results["methods"].items()}, sort_keys=True)
+    """Every score and comparison but the wall times (the one number that differs between runs)."""
+    def strip(entry):
+        entry = {k: v for k, v in entry.items() if k != "seconds_per_image"}
+        if "vs_reference" in entry:
+            vs = entry["vs_reference"]
+            entry["vs_reference"] = dict(vs, metrics={k: v for k, v in vs["metrics"].items()
+                                                      if k != "seconds_per_image"})
+        return entry
+    return json.dumps({m: strip(e) for m, e in results["methods"].items()}, sort_keys=True)
 
 
 def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(head, tmp_path, monkeypatch):

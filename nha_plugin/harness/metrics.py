@@ -36,7 +36,9 @@ class MetricInfo:
     name: str
     higher_is_better: bool
     description: str
-    kind: str = "per_image"        # per_image | dataset (accumulated) | subset (expensive: first images only)
+    # per_image | dataset (accumulated over images) | reruns (per image, reruns the method: the metrics a
+    # BenchmarkConfig.n_subset restricts to the first images)
+    kind: str = "per_image"
 
 
 METRICS: Dict[str, MetricInfo] = {m.name: m for m in [
@@ -51,11 +53,11 @@ METRICS: Dict[str, MetricInfo] = {m.name: m for m in [
     MetricInfo("insertion_auc", True, "area under p(target) as the top-ranked pixels are copied onto a blurred "
                                       "image (Gaussian, sigma 8 px)"),
     MetricInfo("infidelity", False, "captum.metrics.infidelity, Gaussian perturbations, normalize=True"),
-    MetricInfo("max_sensitivity", False, "captum.metrics.sensitivity_max, uniform L-inf perturbations", "subset"),
+    MetricInfo("max_sensitivity", False, "captum.metrics.sensitivity_max, uniform L-inf perturbations", "reruns"),
     MetricInfo("randomisation_spearman", False, "mean Spearman rank correlation with the original map as the image "
-                                                "tower is randomised top-down (cascading)", "subset"),
-    MetricInfo("randomisation_spearman_abs", False, "same on |map|", "subset"),
-    MetricInfo("randomisation_ssim", False, "same with SSIM of the min-max normalised maps", "subset"),
+                                                "tower is randomised top-down (cascading)", "reruns"),
+    MetricInfo("randomisation_spearman_abs", False, "same on |map|", "reruns"),
+    MetricInfo("randomisation_ssim", False, "same with SSIM of the min-max normalised maps", "reruns"),
     MetricInfo("completeness_error", False, "|sum of attributions + reported constants - claimed total| / |logit|; "
                                             "only for methods that claim completeness"),
     MetricInfo("seconds_per_image", False, "wall time of the method per image, batch as run"),

@@ -2,10 +2,18 @@
 
     from nha_plugin.harness.runner import BenchmarkConfig, run_benchmark
     results = run_benchmark(BenchmarkConfig(model="scenes-rn", dataset="scenes", n=16, out="bench_out"))
+    contrastive = run_benchmark(BenchmarkConfig(..., target_mode="contrastive"))
 
 Fairness: one forward wrapper (zero-shot classifier over the dataset's class names, template
 "a photo of a {}."), one target per image (the class of the largest object), one post-processing of maps
-(:func:`nha_plugin.harness.registry.to_pixel_map`), one normalisation per metric (:mod:`.metrics`).
+(:func:`nha_plugin.harness.registry.to_pixel_map`), one normalisation per metric (:mod:`.metrics`), and every
+metric on every image (``n_subset=None``, the default), so each score is a mean over the same images with a
+95% bootstrap interval and a paired comparison with NAD spatial (:mod:`.confidence`, :mod:`.report`).
+
+Target mode: ``"plain"`` explains the target's logit; ``"contrastive"`` explains ``logit_c - mean_k logit_k``
+for every method, through one forward wrapper built by :func:`nha_plugin.readout.contrastive` (each read-out
+column minus the mean column). The metrics then score that quantity too (deletion/insertion read the softmax,
+which a shift common to all classes leaves unchanged).
 
 Resuming: ``OUT`` is a :class:`nha_plugin.runs.RunDir` keyed by the configuration (all of it but ``out``,
 ``quiet`` and ``fresh``), the images, masks, labels and classes, and the model's and read-out's fingerprints.
@@ -30,8 +38,10 @@ from torch import nn
 from ..files import write_json, write_text
 from ..runs import RunDir, append_records, images_fingerprint, module_fingerprint, read_records, run_key, \
     tensor_fingerprint
+from ..readout import contrastive
 from . import metrics as M
 from . import report
+from .figures import heatmap_grid, metric_charts
 from .captum_methods import CAPTUM_SETTINGS, CaptumSettings
 from .data import BenchItem, items_to_tensor, load_benchmark_data
 from .forward import is_vit, model_of
@@ -40,7 +50,7 @@ from .registry import Method, MethodUnavailableError, explain, get_method
 from .seeds import global_rngs_restored, image_seeds, seed_globals
 
 __all__ = ["BenchmarkConfig", "run_benchmark", "build_forward", "benchmark_key", "methods_for", "DEFAULT_METHODS",
-           "VIT_DEFAULT_METHODS", "DEFAULT_METRICS", "QUICK", "RECORDS_VERSION"]
+           "VIT_DEFAULT_METHODS", "DEFAULT_METRICS", "QUICK", "RECORDS_VERSION", "TARGET_MODES", "target_forward"]
 
 DEFAULT_METHODS = ("nad_spatial", "nad_spatial_interp", "nad_heads", "nad_neurons", "maskclip", "self_self",
                    "class_attention", "integrated_gradients", "saliency", "input_x_gradient", "gradient_shap",
@@ -50,22 +60,28 @@ VIT_DEFAULT_METHODS = ("vit_spatial", "textspan_vit", "vit_maskclip", "vit_class
 DEFAULT_METRICS = ("pointing_game", "mass_in_mask", "segmentation", "deletion_insertion", "infidelity",
                    "max_sensitivity", "randomisation", "completeness_error", "seconds_per_image")
 TEMPLATES = ("a photo of a {}.",)
+TARGET_MODES = ("plain", "contrastive")
 # bump when what a record means changes (2: per-image seeds, records in a RunDir)
 RECORDS_VERSION = 2
 
 
 @dataclass
 class BenchmarkConfig:
-    """What to run. ``n_subset`` images (the first ones) get the expensive metrics that rerun a method
-    (max-sensitivity: ``sensitivity_samples`` reruns; randomisation: one rerun per stage). ``captum`` holds
-    the Captum methods' settings (handed to them, recorded in the protocol)."""
+    """What to run.
+
+    ``n_subset``: None (the default) scores every metric on every image; an int restricts the metrics that rerun
+    the method (max-sensitivity: ``sensitivity_samples`` reruns; randomisation: one rerun per stage) to the
+    first ``n_subset`` images, for quick looks (their intervals and comparisons then rest on fewer images; each
+    entry's ``n`` says how many). ``target_mode``: ``"plain"`` (the target's logit) or ``"contrastive"``
+    (``logit_c - mean_k logit_k``, :func:`nha_plugin.readout.contrastive`). ``captum`` holds the Captum
+    methods' settings (handed to them, recorded in the protocol)."""
 
     model: str = "scenes-rn"
     dataset: str = "scenes"
     methods: Sequence[str] = DEFAULT_METHODS
     metrics: Sequence[str] = DEFAULT_METRICS
     n: int = 32
-    n_subset: int = 2
+    n_subset: Optional[int] = None
     batch_size: int = 4
     seed: int = 10_000
     device: str = "cpu"
@@ -77,6 +93,7 @@ class BenchmarkConfig:
     randomisation_stages: Sequence[str] = ("attnpool", "layer4", "layer3", "stem")
     captum: CaptumSettings = CAPTUM_SETTINGS
     n_grid: int = 6
+    target_mode: str = "plain"
     quiet: bool = False
     fresh: bool = False
 
@@ -85,7 +102,7 @@ class BenchmarkConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "quiet", "fresh")}
 
 
-QUICK = dict(n=3, n_subset=1, del_ins_steps=5, infidelity_samples=2, sensitivity_samples=1,
+QUICK = dict(n=3, del_ins_steps=5, infidelity_samples=2, sensitivity_samples=1,
              randomisation_stages=("attnpool", "stem"),
              captum=CaptumSettings(ig_steps=8, gradshap_samples=4, occlusion_window=56))
 
@@ -110,6 +127,19 @@ def build_forward(cfg: BenchmarkConfig, classes: List[str]) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return ZeroShotClassifier(model, tokenizer, classes, templates=TEMPLATES)
+
+
+def target_forward(forward: nn.Module, target_mode: str) -> nn.Module:
+    """The forward wrapper every method and metric uses: ``forward`` itself for ``"plain"``, its contrastive
+    read-out (:func:`nha_plugin.readout.contrastive`: each column minus the mean column, same model) for
+    ``"contrastive"``.
+
+    Raises:
+        ValueError: another mode, or a contrastive read-out of fewer than 2 classes.
+    """
+    if target_mode not in TARGET_MODES:
+        raise ValueError(f"unknown target_mode {target_mode!r}; expected one of {TARGET_MODES}")
+    return contrastive(forward) if target_mode == "contrastive" else forward
 
 
 def benchmark_key(cfg: BenchmarkConfig, forward: nn.Module, items: Sequence[BenchItem], classes: Sequence[str]) -> dict:
@@ -156,12 +186,14 @@ def run_benchmark(cfg: BenchmarkConfig, forward: Optional[nn.Module] = None, ite
         RunMismatchError: ``cfg.out`` holds another run (use ``fresh=True`` or another folder).
         CorruptFileError: a record or map file there is damaged (names the file).
     """
+    if cfg.target_mode not in TARGET_MODES:             # before any loading: a typo fails at once
+        raise ValueError(f"unknown target_mode {cfg.target_mode!r}; expected one of {TARGET_MODES}")
     if items is None:
         items, classes, data_desc = load_benchmark_data(cfg.dataset, cfg.n, cfg.seed, cfg.path)
     else:
         data_desc = f"{len(items)} user-supplied images"
     items = items[:cfg.n]
-    forward = forward if forward is not None else build_forward(cfg, classes)
+    forward = target_forward(forward if forward is not None else build_forward(cfg, classes), cfg.target_mode)
     methods = _usable_methods(methods_for(model_of(forward), cfg.methods))
     out = Path(cfg.out)
     run = RunDir(out, benchmark_key(cfg, forward, items, classes), fresh=cfg.fresh)
@@ -188,8 +220,8 @@ def run_benchmark(cfg: BenchmarkConfig, forward: Optional[nn.Module] = None, ite
     results["protocol"]["weights_sha256"] = run.key["weights"]
     write_json(out / "results.json", results)
     write_text(out / "results.md", report.markdown(results))
-    report.heatmap_grid(items[:cfg.n_grid], methods, scorer.load_map, out / "heatmaps.png")
-    report.metric_charts(results, out)
+    heatmap_grid(items[:cfg.n_grid], methods, scorer.load_map, out / "heatmaps.png")
+    metric_charts(results, out)
     if not cfg.quiet:
         print(report.table(results))
     return results
@@ -263,7 +295,7 @@ class _Scorer:
             if i < cfg.n_grid:
                 self.run.save_part(f"map-{method.name}-{i}", {"map": ex.maps[j].to(torch.float16)})
             rows.append(r)
-        sub = [j for j, i in enumerate(idx) if i < cfg.n_subset]
+        sub = [j for j, i in enumerate(idx) if cfg.n_subset is None or i < cfg.n_subset]
         if sub:
             self._score_subset(method, ex.maps[sub], x[sub], t[sub], [seeds[j] for j in sub], [rows[j] for j in sub])
         return rows

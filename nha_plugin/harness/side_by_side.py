@@ -24,14 +24,25 @@ def merge_results(named: Mapping[str, dict]) -> dict:
         named: label -> results dict.
 
     Returns:
-        Methods keyed ``"<label>:<method>"``, protocols kept per label; :func:`~nha_plugin.harness.report.markdown`
-        and ``table`` accept it.
+        Methods keyed ``"<label>:<method>"`` (each keeps its intervals and its paired comparison with its own
+        run's reference, named ``"<label>:<reference>"``), protocols kept per label;
+        :func:`~nha_plugin.harness.report.markdown` and ``table`` accept it.
     """
     if not named:
         raise ValueError("give at least one results dict")
     first = next(iter(named.values()))
-    return {"protocol": {label: r["protocol"] for label, r in named.items()}, "metrics": first["metrics"],
-            "methods": {f"{label}:{m}": e for label, r in named.items() for m, e in r["methods"].items()}}
+    return {"format": report.FORMAT, "protocol": {label: r["protocol"] for label, r in named.items()},
+            "metrics": first["metrics"],
+            "methods": {f"{label}:{m}": _relabelled(label, e) for label, r in named.items()
+                        for m, e in r["methods"].items()}}
+
+
+def _relabelled(label: str, entry: dict) -> dict:
+    """A method's entry with its reference named as in the merged table."""
+    if "vs_reference" not in entry:
+        return entry
+    vs = dict(entry["vs_reference"], reference=f"{label}:{entry['vs_reference']['reference']}")
+    return dict(entry, vs_reference=vs)
 
 
 def run_side_by_side(configs: Mapping[str, BenchmarkConfig], out: str,
