@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     driver = _driver()
     out = {"machine": platform.platform(), "python": sys.version.split()[0], "browser": driver.capabilities.get(
         "browserVersion"), "method": "wall clock from driver.get() to the first matching element (selenium, "
-                                     "poll 5 ms), after a navigation to about:blank; file:// URLs", "sites": {}}
+                                     "poll 5 ms), after a navigation to about:blank; file:// URLs", "sites": {},
+           "size": "bytes and files of the pages (all but the run/ and atlas-run/ caches kept for reruns: cache_bytes)"}
     try:
         for name, index in sites.items():
             url = index.as_uri()

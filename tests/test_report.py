@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_report_inputs
 
 from nha_plugin.harness import metrics as M
-from nha_plugin.report import leaderboard, read_run, write_site
+from nha_plugin.report import leaderboard, read_run, site_size, write_site
 from nha_plugin.report.atlas import k90, neuron_directions, synthetic_atlas
 from nha_plugin.report.site import shard_text
 
@@ -126,6 +126,11 @@ def test_shards_parse_as_json_and_keep_unsafe_strings_as_data(tmp_path):
     assert json.loads(text[len('NHA.put("x", '):-3]) == {"a": None, "b": "</script>\u2028<b>", "c": [1.5, None]}
     atlas = synthetic_atlas(n_heads=3, n_neurons=10, k=2, vocabulary=["__proto__", "yellow", "Yellowish", "7up"])
     index = write_site(tmp_path, None, [], atlas, title="<script>alert(1)</script>", block=4)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x.records.jsonl").write_text("12345")
+    size = site_size(tmp_path)
+    pages = [p for p in tmp_path.rglob("*") if p.is_file() and p.relative_to(tmp_path).parts[0] != "run"]
+    assert size == {"bytes": sum(p.stat().st_size for p in pages), "files": len(pages), "cache_bytes": 5}
     page = index.read_text()
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     shards = sorted(p.name for p in (tmp_path / "data").glob("neurons-*.js"))
@@ -138,7 +143,8 @@ def test_shards_parse_as_json_and_keep_unsafe_strings_as_data(tmp_path):
             assert p.stem == "search-" + (word[0] if word[0].isalpha() else "other")
             for unit, coef in hits:
                 found[(unit, word)] = coef
-    expected = {(u["id"], w.lower()): c for u in atlas["heads"] + atlas["neurons"] + atlas["pairs"] for w, c in u["words"]}
+    units = atlas["heads"] + atlas["neurons"] + atlas["pairs"]
+    expected = {(u["id"], w.lower()): c for u in units for w, c in u["words"]}
     assert found == expected
 
 

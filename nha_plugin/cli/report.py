@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     """Build the site; print the path of its index.html. Returns 0."""
     from ..report import ReportConfig, build_report
     cfg = ReportConfig(out=args.out, model=args.model, pretrained=args.pretrained, run=args.run,
-                       benchmark=not args.no_benchmark, atlas=not args.no_atlas, images=args.images, n_bench=args.n_bench,
+                       benchmark=not args.no_benchmark, atlas=not args.no_atlas, images=args.images,
+                       n_bench=args.n_bench,
                        n_atlas=args.n_atlas, pool=args.pool, k=args.k, progress=not args.quiet, fresh=args.fresh)
     print(build_report(cfg).resolve())
     return 0

@@ -102,14 +102,22 @@ def write_site(site, leaderboard: Optional[dict], images: List[dict], atlas: Opt
     for letter in [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["other"]:
         write_text(data / f"search-{letter}.js", shard_text(f"search-{letter}",
                                                                       sorted(search.get(letter, {}).items())))
-    write_text(data / "meta.js", shard_text("meta", {"title": title, "n_images": len(images),
-                                                     "n_units": len(at["heads"]) + len(at["neurons"]) + len(at["pairs"])}))
+    n_units = len(at["heads"]) + len(at["neurons"]) + len(at["pairs"])
+    write_text(data / "meta.js", shard_text("meta", {"title": title, "n_images": len(images), "n_units": n_units}))
     write_text(site / "app.js", SCRIPT)
     write_text(site / "style.css", STYLE)
     return write_text(site / "index.html", PAGE.format(title=html_text(title)))
 
 
+# what build_report keeps beside the pages to resume (the harness run folder, the atlas cache): not served
+CACHES = ("run", "atlas-run")
+
+
 def site_size(site) -> Dict[str, int]:
-    """``{"bytes", "files"}`` of everything under ``site``."""
-    files = [p for p in Path(site).rglob("*") if p.is_file()]
-    return {"bytes": sum(p.stat().st_size for p in files), "files": len(files)}
+    """``{"bytes", "files"}`` of the pages under ``site`` (all but :data:`CACHES`) and ``cache_bytes``."""
+    site = Path(site)
+    files = [p for p in site.rglob("*") if p.is_file()]
+    cached = [p for p in files if p.relative_to(site).parts[0] in CACHES]
+    pages = [p for p in files if p not in set(cached)]
+    return {"bytes": sum(p.stat().st_size for p in pages), "files": len(pages),
+            "cache_bytes": sum(p.stat().st_size for p in cached)}
