@@ -397,7 +397,7 @@ def make_tiny_timm(dtype=torch.float64, seed: int = 0, **options) -> nn.Module:
 
 def tiny_report_inputs():
     """What the report tests share, computed once per session: a tiny scenes-rn benchmark run (2 generated
-    scenes; nad_spatial, nad_heads, random, centre; the metrics that rerun nothing) and the atlas of scenes-rn
+    scenes; nad_spatial, random, centre; the metrics that rerun nothing) and the atlas of scenes-rn
     over 6 generated scenes (3 words, 2 top images per unit).
 
     Returns:
@@ -414,7 +414,7 @@ def tiny_report_inputs():
         from nha_plugin.report.build import scene_images
         folder = Path(tempfile.mkdtemp(prefix="nha_report_run_"))
         run_benchmark(BenchmarkConfig(model="scenes-rn", dataset="scenes", n=2, n_subset=0, n_grid=2, quiet=True,
-                                      methods=("nad_spatial", "nad_heads", "random", "centre"), out=str(folder),
+                                      methods=("nad_spatial", "random", "centre"), out=str(folder),
                                       metrics=("pointing_game", "mass_in_mask", "segmentation",
                                                "completeness_error", "seconds_per_image")))
         model, _, tokenizer = load_clip("scenes-rn")

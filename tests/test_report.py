@@ -30,7 +30,7 @@ def test_leaderboard_cells_equal_a_bootstrap_written_here():
     board = leaderboard(run)
     seed = run["config"]["seed"]
     assert board["reference"] == "nad_spatial"
-    assert set(board["methods"]) == {"nad_spatial", "nad_heads", "random", "centre"}
+    assert set(board["methods"]) == {"nad_spatial", "random", "centre"}
     for method in board["methods"]:
         recs = _records(inputs["run"], method)
         for key in ("mass_in_mask", "pointing_game", "seconds_per_image"):

@@ -115,7 +115,9 @@ def resnet_atlas(model, tokenizer, images: torch.Tensor, *, pool="scenes", k: in
              "residual": float(codes.residual_norms[i] / codes.target_norms[i])}
             for i, kind in enumerate(["head"] * H + ["neuron"] * C + ["pair"] * (H * C))]
     pair_imp = stats.importance.float()                              # (H, C)
-    w = torch.einsum("hcd,ud->uhc", u, dirs[:H + C])                         # (H + C, H, C): u[h,n] . d_unit
+    # u[h,n] . d for each head's own pairs (H, C) and each neuron's own pairs (C, H)
+    w_heads = torch.einsum("hcd,hd->hc", u, dirs[:H])
+    w_neurons = torch.einsum("hcd,cd->ch", u, dirs[H:H + C])                         # (H + C, H, C): u[h,n] . d_unit
     centred = s - mean
     sign = stats.pc0_sign.float()
 
@@ -126,12 +128,12 @@ def resnet_atlas(model, tokenizer, images: torch.Tensor, *, pool="scenes", k: in
     out_heads, out_neurons, out_pairs = [], [], []
     head_imp, neuron_imp = stats.head_importance.float(), stats.neuron_importance.float()
     for h in range(H):
-        wh = w[h, h]                                                 # (C,)
+        wh = w_heads[h]                                               # (C,)
         out_heads.append(dict(desc[h], id=f"head:{h}", head=h, importance=float(head_imp[h]),
                               share=float(head_imp[h] / head_imp.sum()), k90=k90(pair_imp[h].numpy()),
                               top=tops(centred[:, h] @ wh, lambda b, h=h, wh=wh: (a[b, h, :, None] * z[b]) @ wh)))
     for n in range(C):
-        wn = w[H + n, :, n]                                          # (H,)
+        wn = w_neurons[n]                                            # (H,)
         out_neurons.append(dict(desc[H + n], id=f"neuron:{n}", neuron=n, importance=float(neuron_imp[n]),
                                 share=float(neuron_imp[n] / neuron_imp.sum()), k90=k90(pair_imp[:, n].numpy()),
                                 top=tops(centred[:, :, n] @ wn,
