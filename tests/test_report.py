@@ -174,3 +174,24 @@ def test_cli_builds_a_site_from_a_run_and_reports_mistakes_in_one_line(tmp_path,
     assert main(["report", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "s2"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run.json" in err[0]
+
+
+def test_image_folder_loads_sorted_images_and_refuses_an_empty_folder(tmp_path):
+    from PIL import Image
+
+    from nha_plugin.report.build import load_image_folder
+    rng = np.random.default_rng(1)
+    pictures = {name: rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8) for name in ("b.png", "a.png")}
+    for name, pixels in pictures.items():
+        Image.fromarray(pixels).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    seen = []
+    x, thumbs = load_image_folder(tmp_path, lambda im: seen.append(np.asarray(im)) or torch.zeros(3, 8, 8))
+    assert x.shape == (2, 3, 8, 8) and len(thumbs) == 2
+    assert [p.tobytes() for p in seen] == [pictures["a.png"].tobytes(), pictures["b.png"].tobytes()]
+    assert thumbs[0].shape == (112, 112, 3)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="expected images"):
+        load_image_folder(tmp_path / "empty", None)
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        load_image_folder(tmp_path / "missing", None)
