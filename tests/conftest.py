@@ -410,3 +410,33 @@ def make_bias_free(model: nn.Module) -> nn.Module:
         for lin in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
             lin.bias.zero_()
     return m
+
+
+def tiny_report_inputs():
+    """What the report tests share, computed once per session: a tiny scenes-rn benchmark run (2 generated
+    scenes; nad_spatial, random, centre; the metrics that rerun nothing) and the atlas of scenes-rn
+    over 6 generated scenes (3 words, 2 top images per unit).
+
+    Returns:
+        ``{"run": run folder, "atlas": atlas dict, "x": (6, 3, 224, 224) images, "thumbs": 6 (112, 112, 3) uint8,
+        "model", "tokenizer"}``.
+    """
+    if not hasattr(tiny_report_inputs, "value"):
+        import tempfile
+        from pathlib import Path
+
+        from nha_plugin.harness import BenchmarkConfig, run_benchmark
+        from nha_plugin.models import load_clip
+        from nha_plugin.report.atlas import resnet_atlas
+        from nha_plugin.report.build import scene_images
+        folder = Path(tempfile.mkdtemp(prefix="nha_report_run_"))
+        run_benchmark(BenchmarkConfig(model="scenes-rn", dataset="scenes", n=2, n_subset=0, n_grid=2, quiet=True,
+                                      methods=("nad_spatial", "random", "centre"), out=str(folder),
+                                      metrics=("pointing_game", "mass_in_mask", "segmentation",
+                                               "completeness_error", "seconds_per_image")))
+        model, _, tokenizer = load_clip("scenes-rn")
+        x, thumbs = scene_images(6, 123)
+        atlas = resnet_atlas(model, tokenizer, x, pool="scenes", k=3, top=2, progress=False)
+        tiny_report_inputs.value = {"run": folder, "atlas": atlas, "x": x, "thumbs": thumbs, "model": model,
+                                    "tokenizer": tokenizer}
+    return tiny_report_inputs.value

@@ -26,6 +26,7 @@ LAYERS = {
     "nha_plugin.harness": 7,
     "nha_plugin.applications": 8,
     "nha_plugin.cli": 9, "nha_plugin.__main__": 9,
+    "nha_plugin.report": 9,                      # beside cli: the static site over harness, text and stats
 }
 # utilities every layer may use; they import nothing of the package above them
 UTILITIES = ("nha_plugin.files", "nha_plugin.runs", "nha_plugin.images", "nha_plugin.version", "nha_plugin.markup", "nha_plugin.scenes", "nha_plugin.datasets")
