@@ -17,8 +17,8 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/nha demo --out demo_out
-	HF_HUB_OFFLINE=1 $(VENV)/bin/nha benchmark --out demo_out/benchmark
-	HF_HUB_OFFLINE=1 $(VENV)/bin/nha report --out demo_out/report
+	HF_HUB_OFFLINE=1 $(VENV)/bin/nha benchmark --quick --out demo_out/benchmark
+	HF_HUB_OFFLINE=1 $(VENV)/bin/nha report --run demo_out/benchmark --out demo_out/report
 
 # The report's browser tests drive the system Chromium (never a downloaded browser): install it when missing.
 browser:
