@@ -6,8 +6,8 @@ A block is written in a page as::
     ...(generated: do not edit)...
     <!-- /results -->
 
-``FILE`` is a file in ``benchmarks/results/``; ``#Heading`` (optional) picks the section under that Markdown
-heading (up to the next heading of the same or a higher level) instead of the whole file. Images are linked,
+``FILE`` is a file in ``benchmarks/results/``; ``#Heading`` (optional) picks the text under that Markdown
+heading, up to the next heading of any level, instead of the whole file. Images are linked,
 not inlined: a block may name a ``.png`` and gets a Markdown image link to it.
 
     python benchmarks/results_blocks.py           # rewrite the blocks in README.md and docs/**.md
@@ -36,14 +36,12 @@ def pages(root: Path = ROOT) -> List[Path]:
 
 
 def section(text: str, heading: str, source: str) -> str:
-    """The body under ``heading`` in Markdown ``text`` (to the next heading of the same or a higher level)."""
+    """The body under ``heading`` in Markdown ``text`` (up to the next heading of any level)."""
     lines = text.splitlines()
     for i, line in enumerate(lines):
         m = HEADING.match(line)
         if m and m.group(2) == heading:
-            level = len(m.group(1))
-            end = next((j for j in range(i + 1, len(lines))
-                        if (h := HEADING.match(lines[j])) and len(h.group(1)) <= level), len(lines))
+            end = next((j for j in range(i + 1, len(lines)) if HEADING.match(lines[j])), len(lines))
             return "\n".join(lines[i + 1:end]).strip("\n")
     found = [HEADING.match(l).group(2) for l in lines if HEADING.match(l)]
     raise KeyError(f"{source} has no heading {heading!r}; its headings are {found}")
