@@ -284,3 +284,14 @@ def make_sink_model(dtype=torch.float64, seed: int = 0, strength: float = 6.0) -
         pool.q_proj.bias += strength * r
         pool.positional_embedding[-1] += strength * torch.linalg.solve(pool.k_proj.weight, r)
     return model.to(dtype)
+
+
+def assert_refused(capsys, text: str, main, argv) -> str:
+    """``main(argv)`` (a CLI entry point) refuses a file or run met while working: it returns 2 after one line on
+    stderr containing ``text``, without a traceback (``nha_plugin.cli.common.dispatch``); returns the stderr."""
+    capsys.readouterr()
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2 and text in err and "Traceback" not in err, (status, err)
+    assert len(err.strip().splitlines()) == 1, err
+    return err
