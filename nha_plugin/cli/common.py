@@ -53,26 +53,25 @@ def command_help(command: str) -> str:
 
 
 # ---- argument types ----------------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    """argparse ``type=``: a whole number >= 1 (argparse turns the error into one line and exit status 2)."""
+def _whole_number(text: str, minimum: int, too_small: str) -> int:
+    """``text`` as an int >= ``minimum``, else argparse.ArgumentTypeError (one line and exit status 2)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}; got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{too_small}; got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=``: a whole number >= 1 (argparse turns the error into one line and exit status 2)."""
+    return _whole_number(text, 1, "must be at least 1")
 
 
 def non_negative_int(text: str) -> int:
     """argparse ``type=``: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0; got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more; got {value}")
-    return value
+    return _whole_number(text, 0, "must be 0 or more")
 
 
 # ---- mistakes ----------------------------------------------------------------------------------------------
