@@ -11,11 +11,16 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AttentionPoolSpec", "UnsupportedModelError", "pool_weights_from_module"]
+__all__ = ["AttentionPoolSpec", "UnsupportedModelError", "TrainingModeError", "pool_weights_from_module"]
 
 
 class UnsupportedModelError(TypeError):
     """Raised when no adapter recognises a model."""
+
+
+class TrainingModeError(ValueError):
+    """Raised when a model is decomposed in training mode: BatchNorm would use the batch's statistics (another
+    function than the model's eval output) and overwrite the caller's running statistics. Call ``model.eval()``."""
 
 
 @dataclass

@@ -440,3 +440,14 @@ def tiny_report_inputs():
         tiny_report_inputs.value = {"run": folder, "atlas": atlas, "x": x, "thumbs": thumbs, "model": model,
                                     "tokenizer": tokenizer}
     return tiny_report_inputs.value
+
+
+def assert_refused(capsys, text: str, main, argv) -> str:
+    """``main(argv)`` (a CLI entry point) refuses a file or run met while working: it returns 2 after one line on
+    stderr containing ``text``, without a traceback (``nha_plugin.cli.common.dispatch``); returns the stderr."""
+    capsys.readouterr()
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2 and text in err and "Traceback" not in err, (status, err)
+    assert len(err.strip().splitlines()) == 1, err
+    return err

@@ -52,23 +52,43 @@ def test_nothing_ablated_is_the_model_and_everything_ablated_is_the_mean(setup):
     assert _rel(stats.mean_embedding[None], y_stats.mean(0, keepdim=True)) < 1e-10
 
 
+def _dense_importance(c, level, k):
+    """Importance of every unit of ``level`` from the dense contributions ``c`` (N, H, C, D) of the statistics'
+    images, as the module docstring defines it, computed here without the statistics."""
+    centred = c - c.mean(dim=0)
+    if level == "pair":                                                  # mean of the k largest centred norms
+        return centred.norm(dim=-1).topk(k, dim=0).values.mean(dim=0)
+    unit = {"pair-rms": centred, "neuron": centred.sum(dim=1), "head": centred.sum(dim=2)}[level]
+    return unit.norm(dim=-1).pow(2).mean(dim=0).sqrt()                  # root-mean-square centred norm
+
+
 @pytest.mark.parametrize("level,fraction", [("pair", 0.1), ("pair-rms", 0.2), ("neuron", 0.3), ("head", 0.4)])
 def test_ablated_embedding_matches_dense_reference(setup, level, fraction):
-    _, spec, stats, _, contrib = setup
-    keep, n_keep = A.keep_mask(stats, level, fraction)
-    imp = A.unit_importance(stats, level)
-    assert n_keep == int(np.ceil(fraction * imp.numel()))
-    top = set(imp.reshape(-1).argsort(descending=True)[:n_keep].tolist())
+    model, spec, stats, x, contrib = setup
     H, C = stats.shape
-    units = {"pair": lambda h, c: h * C + c, "pair-rms": lambda h, c: h * C + c, "neuron": lambda h, c: c,
-             "head": lambda h, c: h}[level]
-    assert all(bool(keep[h, c]) == (units(h, c) in top) for h in range(H) for c in range(0, C, 5))
-    s = contrib.pair_coefficients
-    dense = contrib.pair_contributions()                                 # (B, H, C, D)
-    u = nha.pair_directions(spec.detached())
-    mean_part = (stats.pair_mean[..., None] * u)                         # (H, C, D)
-    ref = contrib.constant + torch.where(keep[None, ..., None], dense, mean_part[None]).sum(dim=(1, 2))
-    got = A.ablated_embedding(spec, s, stats, keep)
+    c_stats = nha.decompose(model, images_for(64, batch=64, seed=11)).pair_contributions()   # (64, H, C, D)
+    imp = _dense_importance(c_stats, level, k=20)
+    got_imp = A.unit_importance(stats, level)
+    assert float((got_imp - imp).abs().max()) <= 1e-8 * float(imp.abs().max())
+    flat = imp.reshape(-1).numpy()
+    n_keep = int(np.ceil(fraction * flat.size))
+    order = np.argsort(-flat, kind="stable")
+    ranked = flat[order]
+    assert ranked[n_keep - 1] - ranked[n_keep] > 1e-6 * ranked[0]       # no near-tie at the cut: the set is defined
+    top = set(order[:n_keep].tolist())
+    expected = torch.zeros(H, C, dtype=torch.bool)
+    for h in range(H):
+        for n in range(C):
+            unit = {"pair": h * C + n, "pair-rms": h * C + n, "neuron": n, "head": h}[level]
+            expected[h, n] = unit in top
+    keep, got_n = A.keep_mask(stats, level, fraction)
+    assert got_n == n_keep and torch.equal(keep, expected)
+    # y_abl = y - sum over ablated pairs of (c - dataset mean of c), with y the model's own output
+    c_x = contrib.pair_contributions()                                   # (B, H, C, D)
+    removed = torch.where(expected[None, ..., None], torch.zeros_like(c_x), c_x - c_stats.mean(dim=0))
+    with torch.no_grad():
+        ref = model.encode_image(x) - removed.sum(dim=(1, 2))
+    got = A.ablated_embedding(spec, contrib.pair_coefficients, stats, keep)
     assert _rel_spread(got, ref, stats) < 1e-9
     assert _rel_spread(got, contrib.embedding, stats) > 0.05            # something was ablated
 

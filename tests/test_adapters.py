@@ -81,3 +81,43 @@ def test_other_models_are_refused_with_the_supported_list():
         get_spec(torchvision.models.resnet18())
     with pytest.raises(UnsupportedModelError, match="nn.Module"):
         get_spec("RN50")
+
+
+def _state(model):
+    """Every module's training flag and a copy of every parameter and buffer."""
+    return ({n: m.training for n, m in model.named_modules()},
+            {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()})
+
+
+@pytest.mark.parametrize("name", ["open_clip", "openai_clip", "timm"])
+def test_training_mode_is_refused_and_the_model_left_as_it_was(three_rn50s, name):
+    import copy
+
+    from nha_plugin.attribution import NeuronHeadAttribution
+    from nha_plugin.spec import TrainingModeError
+    model = copy.deepcopy(three_rn50s[name]).train()        # a copy: the fixtures are shared by other tests
+    x = images_for(224, batch=2)
+    flags, tensors = _state(model)
+    with pytest.raises(TrainingModeError, match=r"model\.eval\(\)"):
+        nha.decompose(model, x)
+    readout = torch.randn(1024, 3, dtype=torch.float64)
+    nad = NeuronHeadAttribution(lambda z: z, readout=readout, model=model, logit_scale=1.0)
+    with pytest.raises(TrainingModeError, match="training mode"):
+        nad.attribute(x, target=0)
+    after_flags, after_tensors = _state(model)
+    assert after_flags == flags and all(after_flags.values())
+    assert after_tensors.keys() == tensors.keys()
+    assert all(torch.equal(after_tensors[k], v) for k, v in tensors.items())   # running stats untouched
+    model.eval()                                            # the same model in eval mode: the eval decomposition
+    ref = nha.decompose(three_rn50s[name], x)
+    assert torch.equal(nha.decompose(model, x).pair_coefficients, ref.pair_coefficients)
+
+
+def test_one_training_batchnorm_is_named(tiny64):
+    import copy
+
+    from nha_plugin.spec import TrainingModeError
+    model = copy.deepcopy(tiny64)
+    model.visual.layer4[0].bn2.train()
+    with pytest.raises(TrainingModeError, match=r"1 modules, e\.g\. layer4\.0\.bn2"):
+        nha.decompose(model, images_for(model))

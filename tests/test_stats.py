@@ -12,7 +12,7 @@ import open_clip
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import (assert_topk_selection, assert_user_error, images_for, randomise_pool_biases,
+from conftest import (assert_refused, assert_topk_selection, assert_user_error, images_for, randomise_pool_biases,
                       rerandomise_batchnorm, scaled_tol)
 from torch.utils.data import TensorDataset
 
@@ -419,13 +419,13 @@ def test_cli_never_unpickles_planted_files(tmp_path, capsys, protocol):
     partial.write_bytes(planted)
     argv = ["stats", "--n", "2", "--batch-size", "2", "--out", str(out), "--quiet"]
     for main in (stats_cli.main, nha_main):                       # standalone and through the `nha` dispatcher
-        err = assert_user_error(capsys, str(partial), main, argv)
+        err = assert_refused(capsys, str(partial), main, argv)
         assert "not safetensors" in err and "--fresh" in err
     stats_file = tmp_path / "planted.safetensors"                     # the file `nha sparsity` reads
     stats_file.write_bytes(planted)
-    assert_user_error(capsys, str(stats_file), stats_cli.main,
-                       ["sparsity", "--stats", str(stats_file), "--n", "2", "--text-k=", "--out",
-                        str(tmp_path / "sp"), "--quiet"])
+    assert_refused(capsys, str(stats_file), stats_cli.main,
+                   ["sparsity", "--stats", str(stats_file), "--n", "2", "--text-k=", "--out",
+                   str(tmp_path / "sp"), "--quiet"])
     assert not marker.exists() and not out.exists()
     pickle.loads(planted)                                              # the planted file does bite when unpickled
     assert marker.exists()
@@ -461,7 +461,7 @@ def test_cli_resumes_a_killed_run_and_fresh_starts_over(tmp_path, capsys, monkey
     assert DatasetStats.load(partial).count == 2                       # batch (0, 1) checkpointed
     monkeypatch.setattr(stats_cli.FolderImages, "__getitem__", recording)
     # other settings: refused, naming the checkpoint and the difference
-    err = assert_user_error(capsys, str(partial), stats_cli.main, argv[:-3] + ["--k", "4", "--quiet"])
+    err = assert_refused(capsys, str(partial), stats_cli.main, argv[:-3] + ["--k", "4", "--quiet"])
     assert "config.k: found 3, expected 4" in err and read == []
     assert stats_cli.main(argv) == 0
     assert sorted(read) == [2, 3, 4] and not partial.exists()          # only what the checkpoint lacked
@@ -483,3 +483,16 @@ def test_cli_resumes_a_killed_run_and_fresh_starts_over(tmp_path, capsys, monkey
     assert fresh.count == 5 and fresh.k == 3
     torch.testing.assert_close(fresh.pair_mean, resumed.pair_mean, rtol=0, atol=scaled_tol(s, 1e-6))
     assert_user_error(capsys, "contradict", stats_cli.main, argv + ["--fresh", "--resume"])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_integer_pixels_are_refused_before_any_cast(small, dtype):
+    from nha_plugin.images import check_pixels
+    raw = (images_for(small, batch=2).clamp(-1, 1) * 100 + 127).to(dtype)     # raw pixel values, 0..255
+    with pytest.raises(TypeError, match="expected float pixels") as info:
+        collect(small, [raw], k=2, progress=False)
+    assert str(dtype) in str(info.value)
+    with pytest.raises(TypeError, match="expected float pixels"):                 # the same check, on its own
+        check_pixels(raw)
+    # the same pixels as floats are accepted: the refusal is about the dtype, not the values
+    assert collect(small, [raw.to(torch.float64)], k=2, progress=False).count == 2

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..files import save_figure, write_json, write_text
+from ..markup import md_cell, md_row
 from ..pool import constant_term, head_outputs, neuron_blocks, pair_directions, pool_output
 from ..spec import AttentionPoolSpec
 from ..stats import DatasetStats, NeuronPCs
@@ -267,7 +268,8 @@ def sparsity_curves(spec: AttentionPoolSpec, coefficients: Tensor, labels: Tenso
 
 # ---- reports -----------------------------------------------------------------------------------------------
 def sparsity_markdown(result: dict) -> str:
-    """Markdown tables of a report.
+    """Markdown tables of a report; user strings (the model, task names, paths, commands) are escaped
+    (:mod:`nha_plugin.markup`).
 
     Args:
         result: ``{"tasks": {task: sparsity_curves(...)}, "meta": {...}}``.
@@ -277,36 +279,33 @@ def sparsity_markdown(result: dict) -> str:
     """
     tasks = result["tasks"]
     meta = result.get("meta", {})
-    lines = [f"# Sparsity and reconstruction ({meta.get('model', '')})", ""]
+    lines = [f"# Sparsity and reconstruction ({md_cell(meta.get('model', ''))})", ""]
     for key in ("when", "stats", "data", "dictionary", "importance", "commands", "seconds", "note"):
         if meta.get(key):
             value = meta[key]
             if isinstance(value, list):
-                lines += [f"- {key}:"] + [f"    - `{v}`" for v in value]
+                lines += [f"- {key}:"] + [f"    - {md_cell(v)}" for v in value]
             else:
-                lines.append(f"- {key}: {value}")
+                lines.append(f"- {key}: {md_cell(value)}")
     lines.append("")
     names = list(tasks)
     first = tasks[names[0]]
     lines += ["## Zero-shot accuracy, keeping the top fraction of units (the rest mean-ablated)", "",
               "Each cell: accuracy (relative embedding error ||y' - y|| / ||y - mean embedding||, mean over images).",
-              "", "| level | kept fraction | kept units | " + " | ".join(names) + " |",
-              "|---|---|---|" + "---|" * len(names)]
+              "", md_row(["level", "kept fraction", "kept units", *names]), "|---|---|---|" + "---|" * len(names)]
     for level, rows in first["sweeps"].items():
         for i, row in enumerate(rows):
-            cells = " | ".join(f"{tasks[t]['sweeps'][level][i]['accuracy']:.3f} "
-                               f"({tasks[t]['sweeps'][level][i]['error']:.2f})" for t in names)
-            lines.append(f"| {level} | {row['fraction']:g} | {row['kept']} / {row['units']} | {cells} |")
+            cells = [f"{tasks[t]['sweeps'][level][i]['accuracy']:.3f} ({tasks[t]['sweeps'][level][i]['error']:.2f})"
+                     for t in names]
+            lines.append(md_row([level, f"{row['fraction']:g}", f"{row['kept']} / {row['units']}", *cells]))
     lines += ["", "## Reference points and reconstructions", "", "Accuracy (relative embedding error).", "",
-              "| embedding | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    lines.append("| original | " + " | ".join(f"{tasks[t]['original']:.3f}" for t in names) + " |")
-    lines.append("| mean embedding (everything ablated) | " +
-                 " | ".join(f"{tasks[t]['mean_embedding']:.3f}" for t in names) + " |")
+              md_row(["embedding", *names]), "|---|" + "---|" * len(names)]
+    lines.append(md_row(["original", *(f"{tasks[t]['original']:.3f}" for t in names)]))
+    lines.append(md_row(["mean embedding (everything ablated)", *(f"{tasks[t]['mean_embedding']:.3f}" for t in names)]))
     for key, name in (("neuron_pcs", "neuron PCs, {} per neuron"), ("text", "sparse text, {}")):
         for unit in first[key]:
-            cells = " | ".join(f"{tasks[t][key][unit]:.3f} ({tasks[t]['errors'][key][unit]:.2f})" for t in names)
-            label = name.format(unit).replace("text, random", "random")
-            lines.append(f"| {label} | {cells} |")
+            cells = [f"{tasks[t][key][unit]:.3f} ({tasks[t]['errors'][key][unit]:.2f})" for t in names]
+            lines.append(md_row([name.format(unit).replace("text, random", "random"), *cells]))
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import files
+from ..markup import md_cell, md_row
 from ..vit.inputs import images_to_input
 
 __all__ = ["STATS_SEED", "EVAL_SEED", "stats_path", "scene_statistics", "eval_scenes", "zero_shot_logits",
@@ -348,10 +349,11 @@ def pc_summary(fit: dict) -> dict:
 
 
 def markdown_report(r: dict) -> str:
-    """The Markdown summary of an ``nha neurons`` result dict (the sections present in it)."""
-    lines = [f"# Second-order effects of CLIP-ViT neurons: {r['model']}", "",
-             f"Command: `{r['command']}`" + (f" (weights sha256 {r['weights_sha256']})" if r.get("weights_sha256")
-                                               else ""), "",
+    """The Markdown summary of an ``nha neurons`` result dict (the sections present in it); every user string (the
+    model, the command, paths, class names and words) is escaped (:mod:`nha_plugin.markup`)."""
+    weights = f" (weights sha256 {r['weights_sha256']})" if r.get("weights_sha256") else ""
+    lines = [f"# Second-order effects of CLIP-ViT neurons: {md_cell(r['model'])}", "",
+             f"Command: {md_cell(r['command'])}{weights}", "",
              f"Layer {r['layer']} (of {r['layers']}), M={r['neurons']} neurons, K={r['K']} later heads; statistics "
              f"on {r['n_images']} generated scenes (seed {STATS_SEED}), k={r['k']}; evaluation on "
              f"{r.get('eval_images', 0)} held-out single-object scenes (seed {EVAL_SEED}). "
@@ -363,7 +365,7 @@ def markdown_report(r: dict) -> str:
         for key, label in (("explained_topk", "top-k centred effects, along the top-k PC1 (paper's number)"),
                            ("explained_all", "all images, along the top-k PC1"),
                            ("explained_all_max", "all images, along the all-image PC1")):
-            lines.append(f"| {label} | {p[key]['mean']:.3f} | {p[key]['median']:.3f} |")
+            lines.append(md_row([label, f"{p[key]['mean']:.3f}", f"{p[key]['median']:.3f}"]))
         lines.append("")
     if "ablation" in r:
         a = r["ablation"]
@@ -371,19 +373,19 @@ def markdown_report(r: dict) -> str:
                   "| variant | accuracy |", "|---|---|"]
         for m, label in (("none", "unablated"), ("mean", "all mean-ablated"),
                          ("significant", "significant kept, rest mean-ablated"), ("pc1", "PC1 reconstruction")):
-            lines.append(f"| {label} | {a['accuracy'][m]:.3f} |")
+            lines.append(md_row([label, f"{a['accuracy'][m]:.3f}"]))
         lines += ["", f"Significant effects: {a['significant_share']:.3%} of (image, neuron) pairs; "
                       f"||sum of effects|| / ||y|| = {a['second_order_norm_over_output_norm']:.3f}.", ""]
     if "segmentation" in r:
         s = r["segmentation"]
-        lines += [f"## Neuron-map segmentation ({s['dataset']}; layers {s['layers']}, top {s['top_neurons']} "
-                  "neurons per class)", "", "| map | pixAcc | mIoU | mAP |", "|---|---|---|---|"]
+        lines += [f"## Neuron-map segmentation ({md_cell(s['dataset'])}; layers {s['layers']}, top "
+                  f"{s['top_neurons']} neurons per class)", "", "| map | pixAcc | mIoU | mAP |", "|---|---|---|---|"]
         for name, label in (("neurons", "top neurons by abs(PC1 . class row), threshold 0.5 (§C)"),
                             ("neurons_mean_threshold", "same maps, threshold at the map mean (§B)"),
                             ("control", "random neurons of the same layers, threshold 0.5"),
                             ("heads_textspan", "TextSpan head-token map, all layers (§B protocol)")):
             if name in s:
-                lines.append(f"| {label} | {s[name]['pixacc']:.3f} | {s[name]['miou']:.3f} | {s[name]['map']:.3f} |")
+                lines.append(md_row([label, *(f"{s[name][k]:.3f}" for k in ("pixacc", "miou", "map"))]))
         lines.append("")
     if "adversarial" in r and "attack" in r["adversarial"]:
         a = r["adversarial"]
@@ -391,15 +393,15 @@ def markdown_report(r: dict) -> str:
                   "| words | images | targeted flip | untargeted flip |", "|---|---|---|---|"]
         for name, label in (("attack", "selected from aligned neurons"), ("control_random_words", "random renderable")):
             f = a[name]
-            lines.append(f"| {label} | {f['n_correct']} | {f['targeted']:.3f} | {f['untargeted']:.3f} |")
+            lines.append(md_row([label, f["n_correct"], f"{f['targeted']:.3f}", f"{f['untargeted']:.3f}"]))
+        examples = "; ".join(f"{e['true']}->{e['wrong']}: {', '.join(e['words']) or '(none)'}" for e in a["examples"])
         lines += ["", f"{a['images_with_words']} of {a['attack']['n_correct']} images received at least one "
                       "selected word (the others had no positive-scoring renderable word and stay unchanged).",
-                  "", "Examples: " + "; ".join(f"{e['true']}->{e['wrong']}: {', '.join(e['words']) or '(none)'}"
-                                               for e in a["examples"]), ""]
+                  "", f"Examples: {md_cell(examples)}", ""]
     if "describe" in r:
-        lines += [f"## Neuron descriptions (OMP, k={r['describe']['k']}, pool {r['describe']['pool']})", ""]
+        lines += [f"## Neuron descriptions (OMP, k={r['describe']['k']}, pool {md_cell(r['describe']['pool'])})", ""]
         for d in r["describe"]["neurons"]:
-            lines.append(f"- {d['neuron']} (PC1 explains {d['explained_topk']:.2f}): "
-                         + ", ".join(f"{w} {c:+.2f}" for w, c in d["words"]))
+            words = ", ".join(f"{w} {c:+.2f}" for w, c in d["words"])
+            lines.append(f"- {d['neuron']} (PC1 explains {d['explained_topk']:.2f}): {md_cell(words)}")
         lines.append("")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..files import save_figure, write_json
-from .common import command_help, positive_int
+from .common import check_output_folder, command_help, load_model, non_negative_int, positive_int
 
 __all__ = ["add_parser", "run", "demo"]
 
@@ -105,14 +105,24 @@ def _explain(nad, head, x, i, ti, names, truths, masks, classes, probs, maps) ->
 
 def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed: int = 12345,
          quiet: bool = False) -> dict:
-    """Decompose ``n`` images with the exact neuron x head decomposition; print a summary, save a PNG + JSON."""
+    """Decompose ``n`` images with the exact neuron x head decomposition; print a summary, save a PNG + JSON.
+
+    Args:
+        model_name: ``scenes-rn`` (held-out generated scenes) or an open_clip CLIP-ResNet (scikit-image photos).
+        n: images to decompose (at most 5 photos).
+        out: output folder for ``nad_heatmaps.png`` and ``summary.json``.
+        seed: the scenes' seed.
+        quiet: no progress bar.
+
+    Returns:
+        The summary written to ``summary.json``.
+    """
     from tqdm.auto import tqdm
 
     from ..attribution import NeuronHeadAttribution
-    from ..models import load_clip
     from ..harness import ZeroShotClassifier
 
-    model, preprocess, tokenizer = load_clip(model_name)
+    model, preprocess, tokenizer = load_model(model_name, family="resnet")
     if model_name == "scenes-rn":
         images, names, masks, truths, classes = _scene_batch(n, seed)
         note = "held-out generated scenes (seed %d)" % seed
@@ -136,7 +146,8 @@ def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed:
         mass = (f" | positive map mass inside the object: {r['positive_mass_in_mask']:.0%} "
                 f"(object covers {r['mask_area_fraction']:.0%})") if "positive_mass_in_mask" in r else ""
         print(f"\n[{r['image']}] {r['truth']!r}: explaining {r['explained_class']!r} (p={r['p_explained']:.2f}, "
-              f"predicted {r['predicted']!r}), logit {r['logit']:.3f}, completeness error {r['completeness_abs_error']:.1e}")
+              f"predicted {r['predicted']!r}), logit {r['logit']:.3f}, "
+              f"completeness error {r['completeness_abs_error']:.1e}")
         print("    top heads: " + ", ".join(f"{h} {v:+.3f}" for h, v in r["top_heads"]))
         print("    top pairs: " + ", ".join(f"{p} {v:+.3f}" for p, v in r["top_pairs"]) + mass)
     out_dir = Path(out)
@@ -151,19 +162,20 @@ def demo(model_name: str = "scenes-rn", n: int = 6, out: str = "demo_out", seed:
     return summary
 
 
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``demo`` sub-command to an ``argparse`` subparsers object; returns its parser."""
     p = subparsers.add_parser("demo", help=command_help("demo"), description=command_help("demo"))
-    p.add_argument("--model", default="scenes-rn", help="scenes-rn (bundled) or an open_clip name, e.g. RN50 "
-                   "(default: %(default)s)")
-    p.add_argument("--n", type=positive_int, default=6, help="number of images (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=12345, help="scene seed, held out from training (default: %(default)s)")
-    p.add_argument("--out", default="demo_out", help="output folder for the PNG and JSON (default: %(default)s)")
+    p.add_argument("--model", default="scenes-rn", help="scenes-rn (bundled; held-out generated scenes) or an "
+                   "open_clip CLIP-ResNet, e.g. RN50 (scikit-image photos)")
+    p.add_argument("--n", type=positive_int, default=6, help="number of images (at most 5 photos)")
+    p.add_argument("--seed", type=non_negative_int, default=12345, help="scene seed, held out from training")
+    p.add_argument("--out", default="demo_out", help="output folder for the PNG and JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run a parsed ``demo`` command; returns 0."""
+    check_output_folder("--out", args.out)
     demo(args.model, args.n, args.out, args.seed, args.quiet)
     return 0

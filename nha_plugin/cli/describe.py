@@ -13,47 +13,52 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Optional, Sequence
 
-from .common import standalone_main
+from .common import (UsageError, check_file, check_pool, check_templates, command_help, did_you_mean, doc_body,
+                     load_model, non_negative_int, positive_int, standalone_main)
 
-__all__ = ["add_parser", "run", "main"]
+__all__ = ["add_parser", "run", "main", "parse_units"]
+
+UNIT_KINDS = ("pair", "head", "neuron")
+UNIT_FORMS = "pair:H3N17, head:3 or neuron:17"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``describe`` sub-command to an ``argparse`` subparsers object; returns its parser."""
-    p = subparsers.add_parser("describe", help="sparse text descriptions of pairs, heads and neurons",
-                              description=__doc__.split("\n\nWire")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="scenes-rn", help="scenes-rn (bundled) or an open_clip name (RN50x16)")
-    p.add_argument("--pretrained", default=None, help="open_clip tag or weights file (default: bundled/random)")
-    p.add_argument("--unit", action="append", default=[], help="pair:H3N17 | head:3 | neuron:17 (repeatable)")
+    p = subparsers.add_parser("describe", help=command_help("describe"), description=doc_body(__doc__))
+    p.add_argument("--model", default="scenes-rn", help="scenes-rn (bundled) or an open_clip CLIP-ResNet (RN50x16)")
+    p.add_argument("--pretrained", default=None, help="open_clip tag or weights file (default: bundled weights for "
+                                                      "scenes-rn, random initialisation otherwise)")
+    p.add_argument("--unit", action="append", default=[],
+                   help="pair:H3N17 | head:3 | neuron:17 (repeatable; default: none, give --unit or --all)")
     p.add_argument("--all", action="store_true", help="describe every pair; needs --out")
-    p.add_argument("--out", action="append", default=[], help="output file (.json or .parquet; repeatable)")
-    p.add_argument("--k", type=int, default=None, help="words per unit (default 10; 64 with --all)")
+    p.add_argument("--out", action="append", default=[],
+                   help="output file, .json or .parquet (repeatable; default: none, print to the terminal)")
+    p.add_argument("--k", type=positive_int, default=None, help="words per unit (default 10; 64 with --all)")
     p.add_argument("--pool", default=None,
                    help="words | words:N | imagenet | scenes | FILE, joined with + (default: words, the 30k common "
                         "English words; scenes for scenes-rn, whose text tower knows only the scene vocabulary)")
     p.add_argument("--templates", default="photo",
                    help="photo ('a photo of a {}.') | imagenet (80 CLIP templates, the paper's) | none | FILE")
     p.add_argument("--normalization", default="text", choices=("text", "legacy_axis0"),
-                   help="dictionary atoms: unit-norm texts (default) or the reference's per-dimension scaling")
-    p.add_argument("--textspan", type=int, default=0, metavar="M",
-                   help="heads with data (--scenes/--stats): M TextSpan texts instead of OMP words")
+                   help="dictionary atoms: unit-norm texts or the reference's per-dimension scaling")
+    p.add_argument("--textspan", type=non_negative_int, default=0, metavar="M",
+                   help="heads with data (--scenes/--stats): M TextSpan texts instead of OMP words (0: OMP)")
     p.add_argument("--subconcepts", action="store_true", help="for neurons: also describe each of their pairs")
-    p.add_argument("--top-pairs", type=int, default=8, help="--subconcepts: the most important pairs shown (0: all)")
-    p.add_argument("--scenes", type=int, default=0,
-                   help="heads/neurons: PC0 over N generated scenes (otherwise from weights alone)")
+    p.add_argument("--top-pairs", type=non_negative_int, default=8,
+                   help="--subconcepts: the most important pairs shown (0: all)")
+    p.add_argument("--scenes", type=non_negative_int, default=0,
+                   help="heads/neurons: PC0 over N generated scenes (0: from the weights alone)")
     p.add_argument("--stats", default=None,
                    help="heads/neurons: a safetensors file holding pair coefficients (B, H, C), as its only tensor "
-                        "or under 'pair_coefficients'")
-    p.add_argument("--device", default="cpu", help="cpu | cuda (OMP and text embedding)")
+                        "or under 'pair_coefficients' (default: none)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (OMP and text embedding)")
     p.add_argument("--seed", type=int, default=0,
                    help="torch seed set before loading, so random-init models (no --pretrained) are the same "
                         "in every run and their text embeddings are cached")
-    p.add_argument("--heads-per-chunk", type=int, default=1, help="--all: heads per resumable chunk")
+    p.add_argument("--heads-per-chunk", type=positive_int, default=1, help="--all: heads per resumable chunk")
     p.add_argument("--fresh", action="store_true", help="--all: discard the parts of an earlier run and start over")
     p.add_argument("--cache-dir", default=None, help="text-embedding cache (default ~/.cache/nha_plugin/text)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -61,31 +66,86 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _unit_hint(unit: str) -> str:
+    """The form the user probably meant: ``heads:3`` -> ``head:3``, ``pair:3,17`` -> ``pair:H3N17``."""
+    import re
+    kind, _, rest = unit.strip().partition(":")
+    numbers = re.findall(r"\d+", rest if rest else kind)
+    close = _closest_kind(kind)
+    if close == "pair" and len(numbers) == 2:
+        return f" (did you mean 'pair:H{numbers[0]}N{numbers[1]}'?)"
+    if close in ("head", "neuron") and len(numbers) == 1:
+        return f" (did you mean '{close}:{numbers[0]}'?)"
+    return did_you_mean(kind, UNIT_KINDS) if rest else ""
+
+
+def _closest_kind(kind: str) -> Optional[str]:
+    """The unit kind closest to ``kind`` (``heads`` -> ``head``), or None."""
+    import difflib
+    close = difflib.get_close_matches(kind.lower(), UNIT_KINDS, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def parse_units(units: Sequence[str]) -> list:
+    """``--unit`` values as ``(kind, index)`` pairs (:func:`nha_plugin.text.describe.parse_unit`), a mistake as
+    :class:`UsageError` with the form meant."""
+    from ..text.describe import parse_unit
+    parsed = []
+    for unit in units:
+        try:
+            parsed.append(parse_unit(unit))
+        except ValueError:
+            raise UsageError(f"--unit {unit!r}: cannot read it{_unit_hint(unit)}; use {UNIT_FORMS}") from None
+    return parsed
+
+
+def _check_ranges(units: list, names: Sequence[str], spec) -> None:
+    """Refuse a head or neuron index the model does not have (known once the model is read)."""
+    H, C = spec.num_heads, spec.num_neurons
+    for (kind, index), name in zip(units, names):
+        h = index[0] if kind in ("pair", "head") else None
+        n = index[-1] if kind in ("pair", "neuron") else None
+        if h is not None and not 0 <= h < H:
+            raise UsageError(f"--unit {name}: this model has H={H} heads, numbered 0..{H - 1}")
+        if n is not None and not 0 <= n < C:
+            raise UsageError(f"--unit {name}: this model has C={C} neurons, numbered 0..{C - 1}")
+
+
 _SAVE_HINT = "write it with safetensors.torch.save_file({'pair_coefficients': s}, path)"
 
 
 def _read_coefficients(path: str):
-    """Pair coefficients (B, H, C) from a safetensors file: its ``pair_coefficients`` tensor or its only one."""
+    """Pair coefficients from a safetensors file: its ``pair_coefficients`` tensor or its only one."""
     from ..files import CorruptFileError, load_tensors
     try:
         tensors, _ = load_tensors(path)
     except CorruptFileError as err:
-        raise SystemExit(f"nha describe: --stats {path} is empty, truncated, corrupted or not safetensors (a "
-                         f"torch/pickle file is never unpickled); expected pair coefficients (B, H, C): "
-                         f"{_SAVE_HINT}") from err
+        raise UsageError(f"--stats {path} is empty, truncated, corrupted or not safetensors (a torch/pickle file is "
+                         f"never unpickled); expected pair coefficients (B, H, C): {_SAVE_HINT}") from err
     if "pair_coefficients" in tensors:
-        return tensors["pair_coefficients"]
-    if len(tensors) != 1:
-        raise SystemExit(f"nha describe: --stats {path} holds tensors {sorted(tensors)}; expected one tensor, or "
-                         f"one named 'pair_coefficients' (B, H, C): {_SAVE_HINT}")
-    return next(iter(tensors.values()))
+        s = tensors["pair_coefficients"]
+    elif len(tensors) == 1:
+        s = next(iter(tensors.values()))
+    else:
+        raise UsageError(f"--stats {path} holds tensors {sorted(tensors)}; expected one tensor, or one named "
+                         f"'pair_coefficients' (B, H, C): {_SAVE_HINT}")
+    return s
 
 
-def _coefficients(args, model, preprocess):
-    """Pair coefficients (B, H, C) for heads and neurons: from --stats, from --scenes N scenes, or None."""
+def _check_coefficients(s, path: str, spec) -> None:
+    """Refuse coefficients that are not (B >= 2, H, C) floats of ``spec``'s model."""
+    shape = (spec.num_heads, spec.num_neurons)
+    if s.dim() != 3 or tuple(s.shape[1:]) != shape or not s.is_floating_point() or s.shape[0] < 2:
+        raise UsageError(f"--stats {path}: expected float pair coefficients (B >= 2, H, C) = (B, {shape[0]}, "
+                         f"{shape[1]}) of this model; got {s.dtype} {tuple(s.shape)}")
+
+
+def _coefficients(args, model, preprocess, from_file):
+    """Pair coefficients (B, H, C) for heads and neurons: those read from --stats, from --scenes N scenes, or
+    None."""
     import torch
-    if args.stats:
-        return _read_coefficients(args.stats)
+    if from_file is not None:
+        return from_file
     if args.scenes > 0:
         from PIL import Image
         from tqdm.auto import tqdm
@@ -110,54 +170,63 @@ def _print_table(desc: dict, indent: str = "") -> None:
 
 
 def _describe_all(args, spec, words, k: int) -> int:
-    """``--all``: every pair to the --out files; a refused or corrupt run folder is one error line, exit 2."""
-    from ..files import CorruptFileError
-    from ..runs import RunMismatchError
+    """``--all``: every pair to the --out files (a refused or damaged run folder is reported by the dispatcher)."""
     from ..text.all_pairs import describe_all_pairs
-    try:
-        header = describe_all_pairs(spec, words, args.out, k=k, heads_per_chunk=args.heads_per_chunk,
-                                    device=args.device, progress=not args.quiet, fresh=args.fresh,
-                                    meta={"model": args.model, "pretrained": args.pretrained})
-    except (RunMismatchError, CorruptFileError) as err:
-        if os.environ.get("NHA_DEBUG"):
-            raise
-        print("nha describe: error: " + " ".join(line.strip() for line in str(err).splitlines()), file=sys.stderr)
-        return 2
+    header = describe_all_pairs(spec, words, args.out, k=k, heads_per_chunk=args.heads_per_chunk, device=args.device,
+                                progress=not args.quiet, fresh=args.fresh,
+                                meta={"model": args.model, "pretrained": args.pretrained})
     print(f"described {header['num_pairs']} pairs with {k} words from {header['num_texts']} texts: "
           + ", ".join(args.out))
     return 0
 
 
-def run(args) -> int:
-    """Execute a parsed ``describe`` command."""
-    from ..models import load_clip
-    from ..adapters import get_spec
-    from ..text.describe import build_dictionary, describe_units, head_text_span, parse_unit, subconcepts
-
+def _check_args(args) -> list:
+    """Refuse impossible options before anything is loaded; returns the parsed units."""
     if not args.all and not args.unit:
-        raise SystemExit("nha describe: give --unit pair:H3N17|head:3|neuron:17 (repeatable) or --all --out FILE")
+        raise UsageError(f"give --unit ({UNIT_FORMS}; repeatable) or --all --out FILE")
     if args.all and not args.out:
-        raise SystemExit("nha describe --all needs --out FILE.parquet and/or --out FILE.json")
+        raise UsageError("--all needs --out FILE.parquet and/or --out FILE.json")
+    bad = [o for o in args.out if not o.endswith((".json", ".parquet"))]
+    if bad:
+        raise UsageError(f"--out {bad[0]}: expected a file name ending in .json or .parquet")
+    if args.out and not args.all:
+        raise UsageError("--out writes the --all table; without --all the descriptions are printed (--json for JSON)")
+    units = parse_units(args.unit)
+    if args.textspan and not (args.scenes or args.stats) and any(kind == "head" for kind, _ in units):
+        raise UsageError("--textspan needs dataset statistics: add --scenes N or --stats FILE")
+    check_file("--stats", args.stats, "a safetensors file of pair coefficients (B, H, C)")
+    check_pool("--pool", args.pool)
+    check_templates("--templates", args.templates)
+    return units
+
+
+def run(args) -> int:
+    """Execute a parsed ``describe`` command; returns 0 (mistakes: :mod:`nha_plugin.cli.common`)."""
+    from ..adapters import get_spec
+    from ..text.describe import build_dictionary, describe_units, head_text_span, subconcepts
+
+    units = _check_args(args)                                   # fail on a typo before loading anything
+    from_file = _read_coefficients(args.stats) if args.stats else None
     k = args.k if args.k is not None else (64 if args.all else 10)
     if args.pool is None:
         args.pool = "scenes" if args.model == "scenes-rn" else "words"
-    units = [parse_unit(u) for u in args.unit]                     # fail on a typo before loading anything
     import torch
     torch.manual_seed(args.seed)
-    model, preprocess, tokenizer = load_clip(args.model, pretrained=args.pretrained, device=args.device)
+    model, preprocess, tokenizer = load_model(args.model, args.pretrained, family="resnet", device=args.device)
     spec = get_spec(model)
+    _check_ranges(units, args.unit, spec)
+    if from_file is not None:
+        _check_coefficients(from_file, args.stats, spec)
     words = build_dictionary(model, tokenizer, args.pool, args.templates, args.normalization,
                              cache_dir=args.cache_dir, progress=not args.quiet)
     if args.k is None and k > len(words) - 1:
         k = max(1, min(k, len(words) - 1))                        # centring leaves N - 1 independent atoms
     if args.all:
         return _describe_all(args, spec, words, k)
-    coeffs = _coefficients(args, model, preprocess) if any(kd != "pair" for kd, _ in units) else None
+    coeffs = _coefficients(args, model, preprocess, from_file) if any(kd != "pair" for kd, _ in units) else None
     results = []
     for (kind, index), name in zip(units, args.unit):
         if kind == "head" and args.textspan:
-            if coeffs is None:
-                raise SystemExit("--textspan needs dataset statistics: add --scenes N or --stats FILE")
             results.append(head_text_span(spec, index[0], coeffs, words, m=args.textspan))
         elif kind == "neuron" and args.subconcepts:
             results.append(subconcepts(spec, index[0], words, k, coefficients=coeffs, top=args.top_pairs or None))

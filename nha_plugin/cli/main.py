@@ -14,7 +14,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from .common import COMMANDS, dispatch
+from .common import COMMANDS, Parser, dispatch
 
 __all__ = ["main", "build_parser"]
 
@@ -23,10 +23,17 @@ DESCRIPTION = ("Exact decompositions of CLIP image encoders: neuron x head (ResN
 
 
 def build_parser(command: Optional[str] = None) -> tuple[argparse.ArgumentParser, dict]:
-    """The ``nha`` parser and ``{command: run}``. With a known ``command`` its module adds its full options;
-    otherwise every command is listed with its one-line help only (no module imported)."""
+    """The ``nha`` parser and ``{command: run}``.
+
+    Args:
+        command: the sub-command given, if known: its module adds its full options. Otherwise every command is
+            listed with its one-line help only (no module imported).
+
+    Returns:
+        ``(parser, {command: run})``.
+    """
     from ..version import __version__
-    parser = argparse.ArgumentParser(prog="nha", description=DESCRIPTION)
+    parser = Parser(prog="nha", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"nha_plugin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runners = {}
@@ -42,10 +49,20 @@ def build_parser(command: Optional[str] = None) -> tuple[argparse.ArgumentParser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``nha`` command.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The command's exit status (2 after a one-line report of a refused file or run); mistakes in the command
+        line raise ``SystemExit(2)`` after one line on stderr (:mod:`nha_plugin.cli.common`).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and not argv[0].startswith("-") else None
     parser, runners = build_parser(command)
     args = parser.parse_args(argv)
+    args.argv = argv[1:]                        # the arguments after the sub-command, quoted in the reports
     return dispatch(args.command, runners[args.command], args)
 
 

@@ -29,9 +29,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .. import files, runs
+from .. import files
 from ..applications import second_order as so
-from .common import standalone_main
+from .common import (UsageError, check_file, check_output_file, check_pool, check_templates, command_help,
+                     doc_body, load_model, non_negative_int, positive_int, recorded_command, standalone_main)
 
 __all__ = ["add_parser", "run", "main", "ACTIONS"]
 
@@ -41,37 +42,39 @@ DEFAULT_MODEL = "scenes-vit"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``neurons`` sub-command to an ``argparse`` subparsers object; returns its parser."""
-    p = subparsers.add_parser("neurons", help="second-order effects of CLIP-ViT neurons (stats, describe, "
-                                              "ablate, segment, adversarial)",
-                              description=__doc__.split("\n\nWire")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("neurons", help=command_help("neurons"), description=doc_body(__doc__))
     p.add_argument("action", choices=ACTIONS, help="what to run ('all': everything, written to --out)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="scenes-vit (bundled) or an open_clip ViT name")
-    p.add_argument("--pretrained", default=None, help="open_clip tag or weights file")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--pretrained", default=None, help="open_clip tag or weights file (default: bundled weights for "
+                                                      "scenes-vit, random initialisation otherwise)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp64"), help="model dtype")
-    p.add_argument("--layer", type=int, default=None,
+    p.add_argument("--layer", type=non_negative_int, default=None,
                    help="layer whose neurons are studied (default L-3, the paper's layer 9 of 12 analogue)")
-    p.add_argument("--seg-layers", type=int, nargs="+", default=None,
+    p.add_argument("--seg-layers", type=non_negative_int, nargs="+", default=None,
                    help="layers for segmentation and adversarial words (default L-4..L-2, the paper's 8-10)")
-    p.add_argument("--n-images", type=int, default=2000, help="scenes for the statistics")
-    p.add_argument("--k", type=int, default=100, help="top images per neuron (PC1 fit, significance threshold)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--eval-images", type=int, default=500, help="held-out single-object scenes for evaluation")
+    p.add_argument("--n-images", type=positive_int, default=2000, help="scenes for the statistics")
+    p.add_argument("--k", type=positive_int, default=100,
+                   help="top images per neuron (PC1 fit, significance threshold)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    p.add_argument("--eval-images", type=positive_int, default=500, help="held-out single-object scenes for evaluation")
     p.add_argument("--stats-dir", default=None, help="statistics cache (default ./nha_neurons/<model>)")
     p.add_argument("--fresh", action="store_true", help="recompute the statistics even if --stats-dir holds them "
                                                         "(also those of other settings or weights)")
     p.add_argument("--pool", default=None, help="word pool for OMP (default: scenes for scenes-vit, else words)")
     p.add_argument("--templates", default="photo", help="templates for the word pool (photo | imagenet | none)")
-    p.add_argument("--omp-k", type=int, default=128, help="OMP atoms per neuron (capped at D and the pool)")
-    p.add_argument("--top", type=int, default=10, help="describe: neurons shown (by importance)")
-    p.add_argument("--neuron", type=int, action="append", default=[], help="describe: these neurons (repeatable)")
-    p.add_argument("--top-neurons", type=int, default=200, help="segment: neurons per class")
-    p.add_argument("--imagenet-seg", default=None, help="segment: gtsegs_ijcv.mat instead of scenes")
-    p.add_argument("--classes", default="scenes", help="scenes (shapes + photo categories) | imagenet")
-    p.add_argument("--adv-neurons", type=int, default=20, help="adversarial: aligned neurons kept")
-    p.add_argument("--adv-words", type=int, default=2, help="adversarial: words pasted per image")
-    p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    p.add_argument("--omp-k", type=positive_int, default=128, help="OMP atoms per neuron (capped at D and the pool)")
+    p.add_argument("--top", type=positive_int, default=10, help="describe: neurons shown (by importance)")
+    p.add_argument("--neuron", type=non_negative_int, action="append", default=[],
+                   help="describe: these neurons (repeatable; default: the --top most important)")
+    p.add_argument("--top-neurons", type=positive_int, default=200, help="segment: neurons per class")
+    p.add_argument("--imagenet-seg", default=None,
+                   help="segment: gtsegs_ijcv.mat instead of scenes (default: none, scenes)")
+    p.add_argument("--classes", default="scenes", choices=("scenes", "imagenet"),
+                   help="scenes (shapes + photo categories) | imagenet")
+    p.add_argument("--adv-neurons", type=positive_int, default=20, help="adversarial: aligned neurons kept")
+    p.add_argument("--adv-words", type=positive_int, default=2, help="adversarial: words pasted per image")
+    p.add_argument("--out", default=None, help="write <out>.json and <out>.md (default: none, print)")
     p.add_argument("--seed", type=int, default=0, help="torch seed before loading (random-init models)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -81,13 +84,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _load_model(name: str, pretrained: Optional[str], device: str, precision: str):
     """(model, tokenizer); a seam tests replace with a tiny model. For a bundled model (``scenes-vit``),
     ``pretrained`` may name another weights file of the same architecture (e.g. a training run's export)."""
-    from ..models import load_clip
     from ..models import PRECISIONS
     from ..zoo import MODELS, load_zoo_model
     if name in MODELS and pretrained is not None:
+        check_file("--pretrained", pretrained, f"a weights file of the {name} architecture")
         model, _, tokenizer = load_zoo_model(name, weights=pretrained)
         return model.to(device=device, dtype=PRECISIONS[precision]).eval(), tokenizer
-    model, _, tokenizer = load_clip(name, pretrained=pretrained, device=device, precision=precision)
+    model, _, tokenizer = load_model(name, pretrained, family="vit", device=device, precision=precision)
     return model, tokenizer
 
 
@@ -95,8 +98,6 @@ def _classes(which: str) -> List[str]:
     if which == "imagenet":
         from ..text.pools import imagenet_classes
         return imagenet_classes()
-    if which != "scenes":
-        raise SystemExit(f"nha neurons: --classes must be scenes or imagenet; got {which!r}")
     from ..scenes import CATEGORIES, SHAPES
     return [*SHAPES, *CATEGORIES]
 
@@ -116,15 +117,33 @@ def _weights_hash(name: str, pretrained: Optional[str]) -> Optional[str]:
 def _layers(args, L: int) -> tuple:
     """(the studied layer, the segmentation/adversarial layers) from the arguments and the model's L layers."""
     if L < 2:
-        raise SystemExit(f"nha neurons: the model has {L} layer; second-order effects need at least 2")
+        raise UsageError(f"the model has {L} layer; second-order effects need at least 2")
     layer = args.layer if args.layer is not None else max(0, L - 3)
     seg_layers = args.seg_layers if args.seg_layers is not None else list(range(max(0, L - 4), L - 1))
     for lay in [layer, *seg_layers]:
         if not 0 <= lay < L - 1:
-            raise SystemExit(f"nha neurons: layer {lay} has no later attention layer; use 0..{L - 2}")
-    if args.k > args.n_images:
-        raise SystemExit(f"nha neurons: --k {args.k} exceeds --n-images {args.n_images}")
+            raise UsageError(f"layer {lay} has no later attention layer; use --layer / --seg-layers 0..{L - 2}")
     return layer, seg_layers
+
+
+def _check_args(args) -> None:
+    """Refuse impossible options before anything is loaded."""
+    if args.k > args.n_images:
+        raise UsageError(f"--k {args.k} exceeds --n-images {args.n_images}")
+    needs_scenes = args.action in ("ablate", "adversarial", "all") or (args.action == "segment"
+                                                                       and not args.imagenet_seg)
+    if needs_scenes and args.classes != "scenes":
+        raise UsageError("ablation, adversarial images and scene segmentation are evaluated on generated scenes, "
+                         "labelled with the scenes classes: use --classes scenes (or segment --imagenet-seg FILE "
+                         "--classes imagenet)")
+    if args.imagenet_seg:
+        if args.action not in ("segment", "all"):
+            raise UsageError(f"--imagenet-seg is read by the segment and all actions, not {args.action}")
+        check_file("--imagenet-seg", args.imagenet_seg, "gtsegs_ijcv.mat, the ImageNet-Segmentation file")
+    check_pool("--pool", args.pool)
+    check_templates("--templates", args.templates)
+    if args.out is not None:
+        check_output_file("--out", str(Path(args.out).with_suffix(".json")))
 
 
 # ---- the command ------------------------------------------------------------------------------------------
@@ -152,22 +171,18 @@ def _run(args) -> int:
     from ..vit.second_order import second_order_directions
     from ..applications.adversarial import describe_neurons
     t0 = time.time()
+    _check_args(args)
     torch.manual_seed(args.seed)
     model, tokenizer = _load_model(args.model, args.pretrained, args.device, args.precision)
     spec = vit_spec(model)
     layer, seg_layers = _layers(args, spec.layers)
     act = args.action
     needs_scenes = act in ("ablate", "adversarial", "all") or (act == "segment" and not args.imagenet_seg)
-    if needs_scenes and args.classes != "scenes":
-        raise SystemExit("nha neurons: ablation, adversarial images and scene segmentation are evaluated on "
-                         "generated scenes, labelled with the scenes classes: use --classes scenes (or "
-                         "segment --imagenet-seg FILE --classes imagenet)")
     args.stats_dir = args.stats_dir or str(Path("nha_neurons") / args.model.replace("/", "_"))
     args.pool = args.pool or ("scenes" if args.model == "scenes-vit" else "words")
     classes = _classes(args.classes)
     rows = ZeroShotClassifier(model, tokenizer, classes, templates=("a photo of a {}.",)).readout.detach().cpu()
-    cmd = getattr(args, "command_line", None)
-    result = {"model": args.model, "command": "nha neurons " + " ".join(sys.argv[2:] if cmd is None else cmd),
+    result = {"model": args.model, "command": recorded_command(args),
               "layers": spec.layers, "layer": layer, "neurons": spec.mlp_width,
               "K": (spec.layers - layer - 1) * spec.heads, "n_images": args.n_images, "k": args.k,
               "classes": classes, "weights_sha256": _weights_hash(args.model, args.pretrained)}
@@ -226,18 +241,14 @@ def _run(args) -> int:
 
 
 def run(args) -> int:
-    """Execute a parsed ``neurons`` command. A checkpoint in ``--stats-dir`` of other settings or weights, or a
-    damaged one, is reported in one line (exit status 2)."""
-    try:
-        return _run(args)
-    except (runs.RunMismatchError, files.CorruptFileError) as err:
-        print(f"nha neurons: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    """Execute a parsed ``neurons`` command; returns 0 (a checkpoint in ``--stats-dir`` of other settings or
+    weights, or a damaged one: one line and 2, by :func:`nha_plugin.cli.common.dispatch`)."""
+    return _run(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Stand-alone entry point: ``python -m nha_plugin.cli.neurons neurons ...``."""
-    return standalone_main(add_parser, run, argv, record_as="command_line")
+    return standalone_main(add_parser, run, argv)
 
 
 if __name__ == "__main__":

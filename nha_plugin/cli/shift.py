@@ -27,7 +27,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .common import standalone_main
+from .common import (UsageError, check_file, check_folder, check_output_folder, check_templates, command_help,
+                     did_you_mean, doc_body, load_model, non_negative_int, positive_int, recorded_command,
+                     standalone_main)
 
 __all__ = ["add_parser", "configure", "run", "main"]
 
@@ -44,9 +46,11 @@ def _floats(text: str) -> list:
 def configure(p: argparse.ArgumentParser) -> None:
     """Add the ``shift`` options to a parser."""
     p.add_argument("--model", default="scenes-rn", help="scenes-rn (bundled) or an open_clip CLIP-ResNet (RN50x16)")
-    p.add_argument("--pretrained", default=None, help="open_clip tag or weights file")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dataset", default="scenes", choices=("scenes", "stanford-cars"))
+    p.add_argument("--pretrained", default=None, help="open_clip tag or weights file (default: bundled weights for "
+                                                      "scenes-rn, random initialisation otherwise)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dataset", default="scenes", choices=("scenes", "stanford-cars"),
+                   help="scenes: concepts planted in generated scenes; stanford-cars: car photos grouped by year")
     p.add_argument("--concept", action="append", default=[],
                    help="concept to monitor (repeatable); scenes: yellow | cat | colour:yellow ...; "
                         f"default {', '.join(DEFAULT_SCENE_CONCEPTS)} for scenes")
@@ -54,31 +58,35 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="text for each --concept, in order (default: the concept's word)")
     p.add_argument("--shares", type=_floats, default=[0.05, 0.15, 0.3, 0.5],
                    help="scenes: planted share per year (default 0.05,0.15,0.3,0.5)")
-    p.add_argument("--n-per-group", type=int, default=200, help="scenes: images per year")
+    p.add_argument("--n-per-group", type=positive_int, default=200, help="scenes: images per year")
     p.add_argument("--start", type=int, default=2018, help="scenes: first year")
-    p.add_argument("--seed", type=int, action="append", default=[],
+    p.add_argument("--seed", type=non_negative_int, action="append", default=[],
                    help="sampler/permutation/split seed (repeatable: one run per seed; default 0)")
-    p.add_argument("--root", default=None, help="stanford-cars: dataset folder (devkit or class-folder layout)")
+    p.add_argument("--root", default=None,
+                   help="stanford-cars: dataset folder, devkit or class-folder layout (default: none)")
     p.add_argument("--split", default="train", choices=("train", "test"), help="stanford-cars split")
-    p.add_argument("--colours", default=None, help="stanford-cars: refined colour labels CSV (columns image,colour)")
+    p.add_argument("--colours", default=None,
+                   help="stanford-cars: refined colour labels CSV, columns image,colour (default: none)")
     p.add_argument("--presence", action="append", default=[], metavar="CONCEPT=COLUMN",
-                   help="stanford-cars: read the concept's presence from a 0/1 column of the colours CSV")
-    p.add_argument("--min-group-size", type=int, default=20,
+                   help="stanford-cars: read the concept's presence from a 0/1 column of the colours CSV (repeatable; "
+                        "default: the colour label equals the concept)")
+    p.add_argument("--min-group-size", type=positive_int, default=20,
                    help="stanford-cars: drop years with fewer images (two-sample tests need a few)")
     p.add_argument("--reference", default=None, help="reference group (default: the first year)")
-    p.add_argument("--k", type=int, default=5, help="top pairs per concept (default 5)")
-    p.add_argument("--k-neurons", type=int, default=5, help="top neurons for the neurons-only baseline")
-    p.add_argument("--k-heads", type=int, default=1, help="top heads for the heads-only baseline")
+    p.add_argument("--k", type=positive_int, default=5, help="top pairs per concept")
+    p.add_argument("--k-neurons", type=positive_int, default=5, help="top neurons for the neurons-only baseline")
+    p.add_argument("--k-heads", type=positive_int, default=1, help="top heads for the heads-only baseline")
     p.add_argument("--templates", default="imagenet", help="imagenet (CLIP's 80) | photo | none | FILE")
     p.add_argument("--stats", default=None,
-                   help="pair PC0 signs from a nha_plugin.stats file (DatasetStats.load(PATH).pc0_sign)")
+                   help="pair PC0 signs from a statistics file of this model, written by nha stats (default: none; "
+                        "the signs are fitted, see --fit)")
     p.add_argument("--unsigned", action="store_true", help="all pair signs +1 (no data for the signs)")
     p.add_argument("--fit", default=None, choices=("scenes", "reference"),
                    help="images fitting the pair signs and neuron/head PC0s: generic generated scenes (default for "
                         "--dataset scenes) or the reference group (default for stanford-cars)")
-    p.add_argument("--fit-images", type=int, default=1000, help="images fitting signs and PC0s (default 1000)")
-    p.add_argument("--permutations", type=int, default=500, help="MMD permutations")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--fit-images", type=positive_int, default=1000, help="images fitting signs and PC0s")
+    p.add_argument("--permutations", type=positive_int, default=500, help="MMD permutations")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     p.add_argument("--out", default="shift_out", help="output folder")
     p.add_argument("--name", default="shift", help="file stem of the outputs")
     p.add_argument("--fresh", action="store_true",
@@ -89,71 +97,97 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``shift`` sub-command to an ``argparse`` subparsers object; returns its parser."""
-    p = subparsers.add_parser("shift", help="distribution-shift monitor: concept scores and two-sample tests",
-                              description=__doc__.split("\n\nWire")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("shift", help=command_help("shift"), description=doc_body(__doc__))
     configure(p)
     return p
 
 
-def scene_concept(concept: str) -> tuple:
-    """``"yellow"`` -> ``("colour", "yellow")``; ``"shape:star"`` -> ``("shape", "star")``."""
+def _scene_vocabulary() -> dict:
     from ..scenes import BACKGROUNDS, CATEGORIES, COLOURS, SHAPES
-    vocab = {"colour": COLOURS, "shape": SHAPES, "category": CATEGORIES, "background": BACKGROUNDS}
+    return {"colour": COLOURS, "shape": SHAPES, "category": CATEGORIES, "background": BACKGROUNDS}
+
+
+def scene_concept(concept: str) -> tuple:
+    """``"yellow"`` -> ``("colour", "yellow")``; ``"shape:star"`` -> ``("shape", "star")``.
+
+    Raises:
+        UsageError: not planted in the scenes (naming the closest concept and every choice).
+    """
+    vocab = _scene_vocabulary()
+    choices = "; ".join(f"{a}: {', '.join(v)}" for a, v in vocab.items())
     if ":" in concept:
         attr, value = concept.split(":", 1)
-        if attr not in vocab or value not in vocab[attr]:
-            raise SystemExit(f"nha shift: unknown scene concept {concept!r}; attributes and values: "
-                             + "; ".join(f"{a}: {', '.join(v)}" for a, v in vocab.items()))
+        if attr not in vocab:
+            raise UsageError(f"--concept {concept!r}: unknown attribute {attr!r}{did_you_mean(attr, vocab)}; "
+                             f"attributes and values: {choices}")
+        if value not in vocab[attr]:
+            raise UsageError(f"--concept {concept!r}: {attr} has no value {value!r}"
+                             f"{did_you_mean(value, vocab[attr])}; attributes and values: {choices}")
         return attr, value
     hits = [a for a, values in vocab.items() if concept in values]
     if not hits:
-        raise SystemExit(f"nha shift: {concept!r} is not planted in the scenes; choose from "
-                         + "; ".join(f"{a}: {', '.join(v)}" for a, v in vocab.items()))
+        every = [v for values in vocab.values() for v in values]
+        raise UsageError(f"--concept {concept!r} is not planted in the scenes{did_you_mean(concept, every)}; "
+                         f"choose from {choices}")
     return hits[0], concept
 
 
 def _concept_texts(args) -> dict:
     if args.text and len(args.text) != len(args.concept):
-        raise SystemExit(f"nha shift: give one --text per --concept ({len(args.concept)} concepts, "
-                         f"{len(args.text)} texts) or none")
+        raise UsageError(f"give one --text per --concept ({len(args.concept)} concepts, {len(args.text)} texts) "
+                         "or none")
     texts = args.text or [c.split(":", 1)[-1] for c in args.concept]
     return dict(zip(args.concept, texts))
 
 
-def _pair_signs(args, spec):
-    if args.stats and args.unsigned:
-        raise SystemExit("nha shift: --stats and --unsigned contradict each other; give one")
+def _pair_signs(args, model):
+    """The pair signs the monitor uses: None (--unsigned), those of a --stats file of this model, or "fit"."""
     if args.unsigned:
         return None
     if args.stats:
-        try:
-            from ..stats import DatasetStats
-        except ImportError as e:
-            raise SystemExit(f"nha shift --stats needs nha_plugin.stats.DatasetStats, which this install lacks ({e})")
-        signs = DatasetStats.load(args.stats).pc0_sign
-        if signs is None or tuple(signs.shape) != (spec.num_heads, spec.num_neurons):
-            raise SystemExit(f"nha shift: {args.stats} holds no (H, C) = ({spec.num_heads}, {spec.num_neurons}) "
-                             "pc0_sign for this model")
-        return signs
+        from ..stats import DatasetStats
+        return DatasetStats.load(args.stats, model=model).pc0_sign     # another model's file is refused
     return "fit"
 
 
 def _presence_columns(args, concepts: dict) -> dict:
     """Check the stanford-cars options before anything loads; returns concept -> CSV column."""
     if not args.root:
-        raise SystemExit("nha shift --dataset stanford-cars needs --root PATH (the Stanford Cars folder)")
+        raise UsageError("--dataset stanford-cars needs --root PATH (the Stanford Cars folder)")
     if not args.colours:
-        raise SystemExit("nha shift --dataset stanford-cars needs --colours CSV (the refined colour labels) to read "
-                         "each concept's presence")
+        raise UsageError("--dataset stanford-cars needs --colours CSV (the refined colour labels) to read each "
+                         "concept's presence")
+    check_folder("--root", args.root, "the Stanford Cars folder (devkit or class-folder layout)")
+    check_file("--colours", args.colours, "the refined colour labels CSV (columns image,colour)")
     columns = {}
     for item in args.presence:
         concept, sep, column = item.partition("=")
         if not sep or concept not in concepts:
-            raise SystemExit(f"nha shift: --presence expects CONCEPT=COLUMN with CONCEPT one of {list(concepts)}; "
-                             f"got {item!r}")
+            raise UsageError(f"--presence expects CONCEPT=COLUMN with CONCEPT one of {list(concepts)}; got {item!r}")
         columns[concept] = column
     return columns
+
+
+def _check_args(args) -> dict:
+    """Refuse impossible options before anything is loaded; returns {concept: text}."""
+    if args.dataset == "scenes" and not args.concept:
+        args.concept = list(DEFAULT_SCENE_CONCEPTS)
+    if not args.concept:
+        raise UsageError("give at least one --concept")
+    concepts = _concept_texts(args)
+    if args.stats and args.unsigned:
+        raise UsageError("--stats and --unsigned contradict each other; give one")
+    check_file("--stats", args.stats, "a statistics file of this model, written by nha stats --out FILE")
+    check_templates("--templates", args.templates)
+    check_output_folder("--out", args.out)
+    if args.dataset == "scenes":
+        for c in concepts:
+            scene_concept(c)
+        if len(args.shares) < 2 or not all(0.0 <= s <= 1.0 for s in args.shares):
+            raise UsageError(f"--shares needs at least two values in [0, 1]; got {args.shares}")
+    else:
+        _presence_columns(args, concepts)
+    return concepts
 
 
 def _cars_data(args, concepts: dict) -> tuple:
@@ -234,42 +268,22 @@ def _part_prefix(concept: str, seed: int) -> str:
 
 
 def run(args) -> int:
-    """Execute a parsed ``shift`` command; 2 (after one line on stderr) when --out holds another run or a damaged
-    file."""
-    from ..files import CorruptFileError
-    from ..runs import RunMismatchError
-
-    try:
-        return _run(args)
-    except (RunMismatchError, CorruptFileError) as e:
-        print("nha shift: error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
-        return 2
-
-
-def _run(args) -> int:
+    """Execute a parsed ``shift`` command; returns 0 (mistakes, another run in --out or a damaged file:
+    :func:`nha_plugin.cli.common.dispatch`)."""
     import torch
 
-    from ..models import load_clip
     from ..adapters import get_spec
     from ..applications.shift import ShiftData, run_monitor, write_report
     from ..runs import RunDir
 
-    if args.dataset == "scenes" and not args.concept:
-        args.concept = list(DEFAULT_SCENE_CONCEPTS)
-    if not args.concept:
-        raise SystemExit("nha shift: give at least one --concept")
+    concepts = _check_args(args)                                    # fail on a typo before loading anything
     seeds = args.seed or [0]
-    concepts = _concept_texts(args)
     fit = args.fit or ("scenes" if args.dataset == "scenes" else "reference")
-    if args.dataset == "scenes":
-        planted = {c: scene_concept(c) for c in concepts}          # fail on a typo before loading anything
-        if len(args.shares) < 2 or not all(0.0 <= s <= 1.0 for s in args.shares):
-            raise SystemExit(f"nha shift: --shares needs at least two values in [0, 1]; got {args.shares}")
-    else:
-        _presence_columns(args, concepts)
+    planted = {c: scene_concept(c) for c in concepts} if args.dataset == "scenes" else {}
     torch.manual_seed(0)
-    model, preprocess, tokenizer = load_clip(args.model, pretrained=args.pretrained, device=args.device)
-    signs = _pair_signs(args, get_spec(model))
+    model, preprocess, tokenizer = load_model(args.model, args.pretrained, family="resnet", device=args.device)
+    get_spec(model)                     # a CLIP-ViT given as a file is refused here, with a pointer to nha_plugin.vit
+    signs = _pair_signs(args, model)
     if args.dataset == "scenes":
         identity = {"dataset": "scenes", "scene_probe": _scene_probe(args, planted, seeds, fit)}
     else:
@@ -298,7 +312,7 @@ def _run(args) -> int:
         else:
             results.append(run_monitor(model, preprocess, tokenizer, cars, concepts, reference=reference, seed=seed,
                                        part=f"cars-seed{seed}-", **common))
-    report = {"protocol": {"command": "nha shift " + " ".join(getattr(args, "argv", None) or sys.argv[2:]),
+    report = {"protocol": {"command": recorded_command(args),
                            "model": args.model, "pretrained": args.pretrained, "dataset": args.dataset,
                            "seeds": seeds}, "runs": results}
     paths = write_report(report, out, args.name)
@@ -320,7 +334,7 @@ def _print_summary(runs) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Stand-alone entry point: ``python -m nha_plugin.cli.shift shift ...``."""
-    return standalone_main(add_parser, run, argv, record_as="argv")
+    return standalone_main(add_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@
 
 ``nha stats`` checkpoints into ``OUT.partial`` (one file per process under torchrun) and a killed run resumes
 from it; a checkpoint of other settings, data or weights is refused, ``--fresh`` starts over. User mistakes
-(bad arguments, a refused or corrupted checkpoint, a missing or corrupted statistics file) end with one
-``nha COMMAND: error: ...`` message on stderr and exit status 2 (``NHA_DEBUG=1``: the traceback instead).
+(bad arguments, a refused or corrupted checkpoint, a missing or corrupted statistics file, statistics of another
+model) end with one ``nha COMMAND: error: ...`` message on stderr and exit status 2 (``NHA_DEBUG=1``: the
+traceback instead).
 
 Wire into ``nha`` with ``add_parser(subparsers)`` (adds both sub-commands) and dispatch ``run(args)``; also
 runnable alone: ``python -m nha_plugin.cli.stats stats|sparsity ...``.
@@ -19,24 +20,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from ..files import CorruptFileError
-from ..models import PretrainedUnavailableError
-from ..runs import RunMismatchError, texts_fingerprint
-from ..spec import UnsupportedModelError
-from .common import standalone_main
+from ..runs import texts_fingerprint
+from .common import (UsageError, check_choices, check_file, check_pool, check_templates, command_help, doc_body,
+                     load_model, non_negative_int, positive_int, recorded_command, standalone_main)
 
 __all__ = ["add_parser", "run", "main", "SceneImages", "FolderImages", "scene_tasks", "IMAGE_SUFFIXES"]
 
-STATS_HELP = "one streaming pass of pair-coefficient statistics over held-out scenes or a folder of images"
-SPARSITY_HELP = "zero-shot accuracy under mean-ablation of pairs/neurons/heads and under reconstructions"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 STATS_SEED = 7000        # held out: scenes-rn trained on seed 0 and was evaluated on 1000-1002 and 2000-2002
 SPARSITY_SEED = 7100
@@ -62,13 +58,24 @@ class FolderImages(torch.utils.data.Dataset):
     """Every image file directly under a folder (sorted by name), read with PIL as RGB, preprocessed."""
 
     def __init__(self, folder, preprocess):
+        self.files = self.image_files(folder)
+        self.preprocess = preprocess
+
+    @staticmethod
+    def image_files(folder) -> list:
+        """The image files directly under ``folder``, sorted by name.
+
+        Raises:
+            FileNotFoundError: ``folder`` is not a folder.
+            ValueError: it holds no file with a suffix of :data:`IMAGE_SUFFIXES`.
+        """
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"--images {folder}: not a folder; give a directory of image files")
-        self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
             raise ValueError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in that folder")
-        self.preprocess = preprocess
+        return files
 
     def fingerprint(self) -> str:
         """sha256 of the files' names and sizes: tells a resumed run that the folder changed, without reading it."""
@@ -120,14 +127,15 @@ def _csv(cast):
 
 
 def configure_stats(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="scenes-rn", help="model name for load_clip (default: bundled scenes-rn)")
+    """Add the ``stats`` options to a parser."""
+    p.add_argument("--model", default="scenes-rn", help="scenes-rn (bundled) or a CLIP-ResNet load_clip reads")
     p.add_argument("--images", default=None, help="folder of images (default: generated held-out scenes)")
-    p.add_argument("--n", "--num-images", dest="n", type=int, default=512,
+    p.add_argument("--n", "--num-images", dest="n", type=positive_int, default=512,
                    help="number of generated scenes (ignored with --images); under torchrun write --num-images, "
                         "since torchrun reads --n as an abbreviation of its own options")
-    p.add_argument("--seed", type=int, default=STATS_SEED, help="scene seed, held out from training")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--k", type=int, default=50, help="per-pair top-k length (the paper: 50)")
+    p.add_argument("--seed", type=non_negative_int, default=STATS_SEED, help="scene seed, held out from training")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    p.add_argument("--k", type=positive_int, default=50, help="per-pair top-k length (the paper: 50)")
     p.add_argument("--head-covariance", choices=("auto", "on", "off"), default="auto",
                    help="keep the (H, D, D) head covariances (auto: when H*D*D <= 2**24)")
     p.add_argument("--out", default="stats.safetensors", help="output statistics file")
@@ -135,26 +143,31 @@ def configure_stats(p: argparse.ArgumentParser) -> None:
                    help="discard the checkpoint OUT.partial of an interrupted run and start over (by default a "
                         "killed run resumes from it; one of other settings, data or weights is refused)")
     p.add_argument("--resume", action="store_true", help="resuming is the default; accepted for older command lines")
-    p.add_argument("--checkpoint-every", type=int, default=4, help="batches between checkpoints")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint-every", type=positive_int, default=4, help="batches between checkpoints")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: each process's LOCAL_RANK GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def configure_sparsity(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stats", required=True, help="statistics file from `nha stats`")
+    """Add the ``sparsity`` options to a parser."""
+    p.add_argument("--stats", required=True, help="statistics file from nha stats")
     p.add_argument("--model", default="scenes-rn", help="the model the statistics were collected on")
-    p.add_argument("--task", type=_csv(str), default=list(TASKS), help="comma-separated: colour,shape,background")
+    p.add_argument("--task", type=_csv(str), default=list(TASKS),
+                   help=f"comma-separated tasks (default: {','.join(TASKS)})")
     p.add_argument("--fractions", type=_csv(float), default=[0.01, 0.05, 0.1, 0.2, 0.5, 1.0],
-                   help="kept fractions of units to sweep")
+                   help="kept fractions of units to sweep, in [0, 1] (default: 0.01,0.05,0.1,0.2,0.5,1)")
     p.add_argument("--levels", type=_csv(str), default=["pair", "pair-rms", "neuron", "head"],
-                   help="unit levels to sweep (pair: the paper's top-k importance; pair-rms: std(s) x ||u||)")
-    p.add_argument("--n", type=int, default=300, help="held-out scenes per task")
-    p.add_argument("--seed", type=int, default=SPARSITY_SEED, help="task scene seed (task i uses seed + i)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--pcs", type=_csv(int), default=[1, 2, 4], help="neuron PCs per neuron for reconstructions")
+                   help="unit levels to sweep (pair: the paper's top-k importance; pair-rms: std(s) x ||u||; "
+                        "default: pair,pair-rms,neuron,head)")
+    p.add_argument("--n", type=positive_int, default=300, help="held-out scenes per task")
+    p.add_argument("--seed", type=non_negative_int, default=SPARSITY_SEED,
+                   help="task scene seed (task i uses seed + i)")
+    p.add_argument("--batch-size", type=positive_int, default=50, help="images per forward pass")
+    p.add_argument("--pcs", type=_csv(int), default=[1, 2, 4],
+                   help="neuron PCs per neuron for reconstructions (default: 1,2,4)")
     p.add_argument("--text-k", type=_csv(int), default=[4, 16, 64],
-                   help="words per pair direction for sparse-text reconstructions (empty: none)")
+                   help="words per pair direction for sparse-text reconstructions (default: 4,16,64; empty: none)")
     p.add_argument("--pool", default="words:5000+scenes", help="word pool for the sparse-text dictionary")
     p.add_argument("--templates", default="photo", help="templates for the word embeddings (none|photo|imagenet)")
     p.add_argument("--rescale", action="store_true", help="scale each OMP approximation back to ||u||")
@@ -162,23 +175,23 @@ def configure_sparsity(p: argparse.ArgumentParser) -> None:
                    help="skip the control reconstruction from as many random atoms as words")
     p.add_argument("--out", default="sparsity_out", help="output folder")
     p.add_argument("--name", default="sparsity", help="file stem of NAME.json / NAME.md / NAME.png")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_parser(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """Add the ``stats`` and ``sparsity`` sub-commands to an ``argparse`` sub-parser collection."""
-    ps = subparsers.add_parser("stats", help=STATS_HELP, description=STATS_HELP)
+    body = doc_body(__doc__)
+    ps = subparsers.add_parser("stats", help=command_help("stats"), description=body)
     configure_stats(ps)
-    pp = subparsers.add_parser("sparsity", help=SPARSITY_HELP, description=SPARSITY_HELP)
+    pp = subparsers.add_parser("sparsity", help=command_help("sparsity"), description=body)
     configure_sparsity(pp)
     return ps, pp
 
 
 # ---- commands ----------------------------------------------------------------------------------------------
 def _load(name: str, device: str):
-    from ..models import load_clip
-    model, preprocess, tokenizer = load_clip(name)
+    model, preprocess, tokenizer = load_model(name, family="resnet")
     return model.to(device).eval(), preprocess, tokenizer
 
 
@@ -195,12 +208,6 @@ def _init_distributed(device: str) -> bool:
     return True
 
 
-def _fail(command: str, message) -> NoReturn:
-    """A user mistake: one line on stderr, exit status 2 (as argparse and the ``nha`` dispatcher)."""
-    print(f"nha {command}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def run_stats(args: argparse.Namespace) -> int:
     """``nha stats``: collect, resuming ``OUT.partial`` unless ``--fresh``, and write ``OUT`` (rank 0).
 
@@ -211,10 +218,15 @@ def run_stats(args: argparse.Namespace) -> int:
         0 (user mistakes exit 2 through :func:`run`).
     """
     import torch.distributed as dist
-    if args.batch_size < 1 or args.n < 1 or args.k < 1 or args.checkpoint_every < 1:
-        _fail("stats", "--n, --batch-size, --k and --checkpoint-every must be at least 1")
     if args.fresh and args.resume:
-        _fail("stats", "--fresh and --resume contradict each other; give one")
+        raise UsageError("--fresh and --resume contradict each other; give one")
+    if args.images:
+        try:
+            FolderImages.image_files(args.images)
+        except (FileNotFoundError, ValueError) as err:
+            raise UsageError(str(err)) from None
+    elif args.model != "scenes-rn":
+        raise UsageError(f"{args.model} was not trained on the generated scenes; pass --images DIR")
     created = _init_distributed(args.device)
     try:
         return _run_stats(args)
@@ -230,17 +242,12 @@ def _run_stats(args: argparse.Namespace) -> int:
     model, preprocess, _ = _load(args.model, device)
     get_spec(model)      # pair statistics are for CLIP-ResNets: a ViT is refused with a pointer to nha_plugin.vit
     if args.images:
-        try:
-            data = FolderImages(args.images, preprocess)
-        except (FileNotFoundError, ValueError) as err:
-            _fail("stats", err)
+        data = FolderImages(args.images, preprocess)
         source = f"folder {args.images} ({len(data)} images, names and sizes sha256 {data.fingerprint()[:16]})"
-    elif args.model == "scenes-rn":
+    else:
         from ..scenes import SceneDataset
         data = SceneImages(SceneDataset(args.n, seed=args.seed), preprocess)
         source = f"generated scenes SceneDataset({args.n}, seed={args.seed})"
-    else:
-        _fail("stats", f"{args.model} was not trained on the generated scenes; pass --images DIR")
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     head_cov = {"auto": None, "on": True, "off": False}[args.head_covariance]
@@ -248,7 +255,7 @@ def _run_stats(args: argparse.Namespace) -> int:
     stats = collect(model, data, batch_size=args.batch_size, k=args.k, head_covariance=head_cov, checkpoint=partial,
                     checkpoint_every=args.checkpoint_every, resume=not args.fresh, progress=not args.quiet,
                     num_workers=args.workers, meta={"data": source, "model_name": args.model,
-                                                    "command": _command(args)})
+                                                    "command": recorded_command(args)})
     rank, world = dist_info()
     if rank == 0:
         stats.save(out)
@@ -284,15 +291,20 @@ def run_sparsity(args: argparse.Namespace) -> int:
     from ..stats import DatasetStats
     from ..applications import ablation as A
     if args.model != "scenes-rn":
-        _fail("sparsity", "the tasks are the planted scene concepts, which only scenes-rn knows; use "
-                          "nha_plugin.applications.ablation.sparsity_curves with your own labels")
-    bad = [t for t in args.task if t not in TASKS] + [lv for lv in args.levels if lv not in A.LEVELS]
-    if bad:
-        _fail("sparsity", f"unknown task/level {bad}; tasks: {', '.join(TASKS)}; levels: {', '.join(A.LEVELS)}")
+        raise UsageError("the tasks are the planted scene concepts, which only scenes-rn knows; use "
+                         "nha_plugin.applications.ablation.sparsity_curves with your own labels")
+    check_choices("--task", args.task, TASKS, "task")
+    check_choices("--levels", args.levels, A.LEVELS, "level")
+    if not args.task or not args.levels or not args.fractions:
+        raise UsageError("--task, --levels and --fractions each need at least one value")
     if any(not 0 <= f <= 1 for f in args.fractions):
-        _fail("sparsity", f"--fractions must lie in [0, 1]; got {args.fractions}")
-    if args.n < 1 or args.batch_size < 1:
-        _fail("sparsity", "--n and --batch-size must be at least 1")
+        raise UsageError(f"--fractions must lie in [0, 1]; got {args.fractions}")
+    if any(v < 1 for v in [*args.pcs, *args.text_k]):
+        raise UsageError(f"--pcs and --text-k take whole numbers >= 1; got {args.pcs} and {args.text_k}")
+    check_file("--stats", args.stats, "a statistics file written by nha stats --out FILE")
+    if args.text_k:
+        check_pool("--pool", args.pool)
+        check_templates("--templates", args.templates)
     start = time.perf_counter()
     model, preprocess, tokenizer = _load(args.model, args.device)
     spec = get_spec(model)
@@ -328,7 +340,7 @@ def run_sparsity(args: argparse.Namespace) -> int:
     result = {"tasks": tasks, "meta": {
         "model": args.model, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "stats": f"{args.stats}: {stats.count} images ({stats.meta.get('data', 'unknown data')}), k={stats.k}",
-        "commands": [c for c in (stats.meta.get("command"), _command(args)) if c],
+        "commands": [c for c in (stats.meta.get("command"), recorded_command(args)) if c],
         "data": f"{args.n} held-out scenes per task, seeds {args.seed}+i (colour, shape, background)",
         "dictionary": dictionary_note, "importance": "pair: mean top-k |s - mean| x ||u|| (the paper); pair-rms, "
         "neuron, head: RMS norm of the centred contribution", "seconds": round(time.perf_counter() - start, 1),
@@ -339,27 +351,14 @@ def run_sparsity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command(args: argparse.Namespace) -> str:
-    """The command line that ran, for the records (``main`` stores the arguments after the sub-command;
-    ``nha`` leaves them in sys.argv)."""
-    argv = [args.command, *args.argv] if getattr(args, "argv", None) is not None else sys.argv[1:]
-    return "nha " + " ".join(shlex.quote(a) for a in argv)
-
-
 def run(args: argparse.Namespace) -> int:
-    """Dispatch ``nha stats`` / ``nha sparsity``; a refused or corrupted file is a user mistake (exit 2)."""
-    try:
-        return run_stats(args) if args.command == "stats" else run_sparsity(args)
-    except (RunMismatchError, CorruptFileError, FileNotFoundError, UnsupportedModelError,
-            PretrainedUnavailableError) as err:
-        if os.environ.get("NHA_DEBUG"):
-            raise
-        _fail(args.command, err)
+    """Run ``nha stats`` / ``nha sparsity``; mistakes are reported by :func:`nha_plugin.cli.common.dispatch`."""
+    return run_stats(args) if args.command == "stats" else run_sparsity(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m nha_plugin.cli.stats stats|sparsity ...``: the two sub-commands without the rest of ``nha``."""
-    return standalone_main(add_parser, run, argv, record_as="argv")
+    return standalone_main(add_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@
 
 Each writes a JSON file, a Markdown summary and a PNG next to it (atomically). ``--parts DIR`` keeps each
 batch's head contributions in run folders keyed on the settings, the images and the weights, so a killed run
-resumes; parts of another run are refused (one line, exit 2) and ``--fresh`` discards them. Wire into ``nha``
-with :func:`add_parser` (adds both sub-commands) and dispatch with :func:`run`; :func:`main` runs them stand-alone.
+resumes; parts of another run are refused (one line, exit 2) and ``--fresh`` discards them.
+
+Wire into ``nha`` with :func:`add_parser` (adds both sub-commands) and dispatch with :func:`run`; :func:`main`
+runs them stand-alone.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from .. import files, runs
-from .common import standalone_main
+from ..markup import md_cell, md_row
+from .common import (UsageError, check_choices, check_folder, check_output_file, check_pool, command_help, doc_body,
+                     load_model, non_negative_int, positive_int, recorded_command, standalone_main)
 
 __all__ = ["add_parser", "run", "main", "textspan_report", "default_pool"]
 
@@ -31,26 +35,46 @@ def _csv(text: str) -> List[str]:
 
 
 def _ints(text: str) -> List[int]:
-    return [int(t) for t in _csv(text)]
+    try:
+        values = [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers like 1,2,4; got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1; got {text!r}")
+    return values
+
+
+def _fractions(text: str) -> List[float]:
+    try:
+        values = [float(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.95,1; got {text!r}") from None
+    if any(not 0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected shares in [0, 1]; got {text!r}")
+    return values
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="a load_clip name: scenes-vit (bundled planted-concept "
                                                           "ViT), an open_clip ViT (ViT-B-16), hf-hub:..., a file")
-    p.add_argument("--pretrained", default=None, help="open_clip tag or weights file")
+    p.add_argument("--pretrained", default=None, help="open_clip tag or weights file (default: bundled weights for "
+                                                      "scenes-vit, random initialisation otherwise)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp64"), help="model dtype (fp64 for exactness)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dataset", default="scenes", choices=("scenes", "waterbirds"))
-    p.add_argument("--path", default=None, help="Waterbirds folder (holding metadata.csv) for --dataset waterbirds")
-    p.add_argument("--layers", type=int, default=4, help="analyse the heads of the last N layers (default 4)")
-    p.add_argument("--m", type=int, default=20, help="TextSpan texts per head (default 20)")
-    p.add_argument("--rank", type=int, default=80, help="r, singular directions the texts are projected on (80)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dataset", default="scenes", choices=("scenes", "waterbirds"),
+                   help="scenes: generated scenes; waterbirds: the Waterbirds folder given by --path")
+    p.add_argument("--path", default=None,
+                   help="Waterbirds folder (holding metadata.csv) for --dataset waterbirds (default: none)")
+    p.add_argument("--layers", type=positive_int, default=4, help="analyse the heads of the last N layers")
+    p.add_argument("--m", type=positive_int, default=20, help="TextSpan texts per head")
+    p.add_argument("--rank", type=positive_int, default=80, help="r, singular directions the texts are projected on")
     p.add_argument("--pool", default=None,
                    help="text pool: words | words:N | imagenet | scenes | FILE (one text per line), joined with +; "
                         "default: single-concept scene descriptions for scenes-* models, else words (30k words)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="data seed (and the random-head baseline's)")
-    p.add_argument("--parts", default=None, help="folder for per-batch results, so a killed run resumes")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="data seed (and the random-head baseline's)")
+    p.add_argument("--parts", default=None,
+                   help="folder for per-batch results, so a killed run resumes (default: none, nothing kept)")
     p.add_argument("--fresh", action="store_true", help="discard the per-batch results of an earlier run in --parts")
     p.add_argument("--cache-dir", default=None, help="text-embedding cache (default $NHA_CACHE_DIR)")
     p.add_argument("--out", required=True, help="output JSON; a .md summary and a .png go next to it")
@@ -59,28 +83,30 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers):
     """Add ``textspan`` and ``spurious`` to an argparse subparsers object; returns the two parsers."""
-    t = subparsers.add_parser("textspan", help="TextSpan texts of CLIP-ViT heads and the reconstruction accuracy",
-                              description=__doc__.split("\n\nEach")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    body = doc_body(__doc__)
+    t = subparsers.add_parser("textspan", help=command_help("textspan"), description=body)
     _common(t)
-    t.add_argument("--n", type=int, default=400, help="images (scenes: generated; waterbirds: seeded subset)")
-    t.add_argument("--split", default="val", help="Waterbirds split for --dataset waterbirds (default val)")
+    t.add_argument("--n", type=positive_int, default=400,
+                   help="images (scenes: generated; waterbirds: seeded subset)")
+    t.add_argument("--split", default="val", choices=("train", "val", "test"),
+                   help="Waterbirds split for --dataset waterbirds")
     t.add_argument("--ms", type=_ints, default=[1, 2, 4, 8, 16, 20],
-                   help="comma-separated m values for the reconstruction accuracy")
-    s = subparsers.add_parser("spurious", help="worst-group accuracy before/after mean-ablating place heads",
-                              description=__doc__.split("\n\nEach")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                   help="comma-separated m values for the reconstruction accuracy (default: 1,2,4,8,16,20)")
+    s = subparsers.add_parser("spurious", help=command_help("spurious"), description=body)
     _common(s)
-    s.add_argument("--labels", type=_csv, default=["cat", "rocket"], help="scenes: label values (comma-separated)")
+    s.add_argument("--labels", type=_csv, default=["cat", "rocket"],
+                   help="scenes: label values, comma-separated (default: cat,rocket)")
     s.add_argument("--backgrounds", type=_csv, default=["grass", "brick"],
-                   help="scenes: the background tied to each label")
-    s.add_argument("--attribute", default="category", choices=("category", "shape", "colour"))
-    s.add_argument("--train-strengths", type=lambda t: [float(v) for v in _csv(t)], default=[0.95, 1.0],
+                   help="scenes: the background tied to each label (default: grass,brick)")
+    s.add_argument("--attribute", default="category", choices=("category", "shape", "colour"),
+                   help="scenes: the attribute the labels are values of")
+    s.add_argument("--train-strengths", type=_fractions, default=[0.95, 1.0],
                    help="scenes: shares of training images showing a label on its own background, one biased "
                         "training set and probe each (default 0.95,1.0)")
-    s.add_argument("--n-train", type=int, default=400, help="scenes: biased training images")
-    s.add_argument("--n-test", type=int, default=None, help="test images (scenes default 400; waterbirds: all)")
-    s.add_argument("--n-textspan", type=int, default=None,
+    s.add_argument("--n-train", type=positive_int, default=400, help="scenes: biased training images")
+    s.add_argument("--n-test", type=positive_int, default=None,
+                   help="test images (scenes default 400; waterbirds: all)")
+    s.add_argument("--n-textspan", type=positive_int, default=None,
                    help="images for TextSpan (scenes: generic scenes, default 400; waterbirds: training images, "
                         "default 1000, also the ablation means)")
     s.add_argument("--keywords", type=_csv, default=None,
@@ -89,9 +115,10 @@ def add_parser(subparsers):
                                                                 "place texts")
     s.add_argument("--min-relative-variance", type=float, default=0.1,
                    help="min place variance relative to the strongest place head")
-    s.add_argument("--max-heads", type=int, default=None, help="ablate at most this many place heads")
-    s.add_argument("--n-random", type=int, default=10, help="heads per random draw (paper: 10)")
-    s.add_argument("--n-sets", type=int, default=5, help="random draws; the best is reported (paper: 5)")
+    s.add_argument("--max-heads", type=positive_int, default=None,
+                   help="ablate at most this many place heads (default: no limit)")
+    s.add_argument("--n-random", type=positive_int, default=10, help="heads per random draw (paper: 10)")
+    s.add_argument("--n-sets", type=positive_int, default=5, help="random draws; the best is reported (paper: 5)")
     s.add_argument("--ablate-early", action="store_true",
                    help="also mean-ablate every head before the analysed layers, in every arm")
     return t, s
@@ -113,7 +140,8 @@ def _stamp_protocol(res: dict, args: argparse.Namespace, model) -> None:
     """Record in ``res["protocol"]`` the model, the parsed arguments and the image tower's weights fingerprint
     (:func:`nha_plugin.runs.module_fingerprint`)."""
     res["protocol"].update(model=args.model, pretrained=args.pretrained, precision=args.precision,
-                           arguments={k: v for k, v in vars(args).items() if k != "func"},
+                           command=recorded_command(args),
+                           arguments={k: v for k, v in vars(args).items() if k not in ("func", "argv")},
                            image_tower_sha256=runs.module_fingerprint(getattr(model, "visual", model)))
 
 
@@ -127,14 +155,37 @@ def _finish_plot(fig, ax, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _check_args(args) -> None:
+    """Refuse impossible options before anything is loaded."""
+    if args.dataset == "waterbirds":
+        if not args.path:
+            raise UsageError(f"nha {args.command} --dataset waterbirds needs --path to the Waterbirds folder "
+                             "(holding metadata.csv)")
+        check_folder("--path", args.path, "the Waterbirds folder (holding metadata.csv)")
+    elif args.path:
+        raise UsageError("--path is read by --dataset waterbirds only; --dataset scenes generates its images")
+    elif args.command == "spurious":
+        from .. import scenes
+        values = {"category": scenes.CATEGORIES, "shape": scenes.SHAPES, "colour": scenes.COLOURS}[args.attribute]
+        check_choices("--labels", args.labels, values, args.attribute)
+        check_choices("--backgrounds", args.backgrounds, scenes.BACKGROUNDS, "background")
+        if len(args.labels) != len(args.backgrounds) or len(args.labels) < 2:
+            raise UsageError(f"give as many --backgrounds as --labels, at least two ({len(args.labels)} labels, "
+                             f"{len(args.backgrounds)} backgrounds)")
+    check_pool("--pool", args.pool)
+    check_output_file("--out", args.out)
+    if args.parts is not None and Path(args.parts).exists() and not Path(args.parts).is_dir():
+        raise UsageError(f"--parts {args.parts} is a file; give a folder (created if missing)")
+
+
 def _load(args):
     import torch
 
-    from ..models import load_clip
     from .. import vit
+    _check_args(args)
     torch.manual_seed(args.seed)
-    loaded = load_clip(args.model, pretrained=args.pretrained, device=args.device, precision=args.precision)
-    vit.vit_spec(loaded[0])          # a CLIP-ResNet is refused here, with a pointer to the ResNet commands
+    loaded = load_model(args.model, args.pretrained, family="vit", device=args.device, precision=args.precision)
+    vit.vit_spec(loaded[0])          # a CLIP-ResNet given as a file is refused here, pointing to the ResNet commands
     return loaded
 
 
@@ -204,20 +255,28 @@ def textspan_report(model, tokenizer, *, preprocess=None, dataset: str = "scenes
             "accuracy": acc, "heads": heads}
 
 
+def _bullets(items) -> List[str]:
+    """Markdown bullets ``- key: value`` with every value escaped (:func:`nha_plugin.markup.md_cell`)."""
+    return [f"- {key}: {md_cell(value)}" for key, value in items]
+
+
 def _textspan_markdown(res: dict, title: str) -> str:
     p, a = res["protocol"], res["accuracy"]
-    lines = [f"# {title}", "", f"- data: {p['data']}", f"- read-out: {p['readout']} over {len(p['classes'])} classes",
-             f"- heads: layers {p['layers']} of {p['num_layers']} x {p['heads_per_layer']} heads; m = {p['m']}, "
-             f"r = {p['rank']}; pool: {p['pool']}", f"- reconstruction: {p['reconstruction']}", "",
-             "| setting | accuracy |", "|---|---|", f"| original | {a['original']:.3f} |",
-             f"| analysed heads only (others mean-ablated) | {a['analysed_heads_only']:.3f} |"]
-    lines += [f"| TextSpan m = {m} | {v:.3f} |" for m, v in a["textspan"].items()]
-    lines += [f"| all heads mean-ablated | {a['all_heads_mean_ablated']:.3f} |",
-              f"| earlier layers' heads mean-ablated | {a['early_layers_mean_ablated']:.3f} |"]
-    lines += [f"| layer {l} heads mean-ablated | {v:.3f} |" for l, v in a["layer_mean_ablated"].items()]
+    lines = [f"# {md_cell(title)}", ""]
+    lines += _bullets([("command", p.get("command", "")), ("data", p["data"]),
+                       ("read-out", f"{p['readout']} over {len(p['classes'])} classes"),
+                       ("heads", f"layers {p['layers']} of {p['num_layers']} x {p['heads_per_layer']} heads; "
+                                 f"m = {p['m']}, r = {p['rank']}; pool: {p['pool']}"),
+                       ("reconstruction", p["reconstruction"])])
+    rows = [("original", a["original"]), ("analysed heads only (others mean-ablated)", a["analysed_heads_only"])]
+    rows += [(f"TextSpan m = {m}", v) for m, v in a["textspan"].items()]
+    rows += [("all heads mean-ablated", a["all_heads_mean_ablated"]),
+             ("earlier layers' heads mean-ablated", a["early_layers_mean_ablated"])]
+    rows += [(f"layer {layer} heads mean-ablated", v) for layer, v in a["layer_mean_ablated"].items()]
+    lines += ["", "| setting | accuracy |", "|---|---|"] + [md_row([name, f"{v:.3f}"]) for name, v in rows]
     lines += ["", "| head | variance explained | first texts |", "|---|---|---|"]
     for h in res["heads"]:
-        lines.append(f"| {h['unit']} | {h['variance_explained']:.3f} | {'; '.join((h['texts'] or [])[:5])} |")
+        lines.append(md_row([h["unit"], f"{h['variance_explained']:.3f}", "; ".join((h["texts"] or [])[:5])]))
     return "\n".join(lines) + "\n"
 
 
@@ -258,23 +317,25 @@ def _run_textspan(args) -> int:
 # ---- spurious ---------------------------------------------------------------------------------------------
 def _spurious_markdown(res: dict, title: str) -> str:
     p = res["protocol"]
-    lines = [f"# {title}", "", f"- data: {p['dataset']}"]
-    for key in ("labels", "backgrounds", "train", "test", "textspan_and_means", "textspan", "selection", "ablation",
-                "random_baseline"):
-        if key in p:
-            lines.append(f"- {key}: {json.dumps(p[key]) if not isinstance(p[key], str) else p[key]}")
-    lines += ["", f"Selected place heads: {', '.join(f'L{l}H{h}' for l, h in res['selected_heads']) or 'none'}", "",
+    lines = [f"# {md_cell(title)}", ""]
+    lines += _bullets([("command", p.get("command", "")), ("data", p["dataset"])])
+    lines += _bullets([(key, p[key] if isinstance(p[key], str) else json.dumps(p[key]))
+                       for key in ("labels", "backgrounds", "train", "test", "textspan_and_means", "textspan",
+                                   "selection", "ablation", "random_baseline") if key in p])
+    heads = ", ".join(f"L{layer}H{h}" for layer, h in res["selected_heads"]) or "none"
+    lines += ["", f"Selected place heads: {heads}", "",
               "| read-out | worst before | worst after | random 10: best worst | random matched: best worst | "
               "avg before | avg after | overall before | overall after |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["readouts"].items():
-        lines.append(f"| {name} | {r['before']['worst']:.3f} ({r['before']['worst_group']}) | "
-                     f"{r['after']['worst']:.3f} ({r['after']['worst_group']}) | {r['random']['best']['worst']:.3f} | "
-                     f"{r['random_matched']['best']['worst']:.3f} | {r['before']['average']:.3f} | "
-                     f"{r['after']['average']:.3f} | {r['before']['overall']:.3f} | {r['after']['overall']:.3f} |")
+        before, after = r["before"], r["after"]
+        lines.append(md_row([name, f"{before['worst']:.3f} ({before['worst_group']})",
+                             f"{after['worst']:.3f} ({after['worst_group']})", f"{r['random']['best']['worst']:.3f}",
+                             f"{r['random_matched']['best']['worst']:.3f}", f"{before['average']:.3f}",
+                             f"{after['average']:.3f}", f"{before['overall']:.3f}", f"{after['overall']:.3f}"]))
     lines += ["", "| head | place score | place variance | first texts |", "|---|---|---|---|"]
     for d in res["head_scores"][:12]:
-        lines.append(f"| L{d['layer']}H{d['head']} | {d['score']:.2f} | {d['place_variance']:.3g} | "
-                     f"{'; '.join(d['texts'][:5])} |")
+        lines.append(md_row([f"L{d['layer']}H{d['head']}", f"{d['score']:.2f}", f"{d['place_variance']:.3g}",
+                             "; ".join(d["texts"][:5])]))
     return "\n".join(lines) + "\n"
 
 
@@ -314,8 +375,6 @@ def _run_spurious(args) -> int:
                                          n_train=args.n_train, n_test=args.n_test or 400,
                                          n_textspan=args.n_textspan or 400, pool=pool, **common)
     else:
-        if not args.path:
-            raise SystemExit("nha spurious --dataset waterbirds needs --path to the Waterbirds folder")
         pool, desc = default_pool(args.model, args.pool)
         res = spurious.waterbirds_experiment(model, tokenizer, args.path, n_textspan=args.n_textspan or 1000,
                                              n_test=args.n_test, pool=pool, pool_desc=desc, **common)
@@ -339,16 +398,9 @@ def _write(out: str, res: dict, md: str, plot) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Execute a parsed ``textspan`` or ``spurious`` command. Parts in ``--parts`` of another run, or damaged
-    ones, are reported in one line (exit status 2)."""
-    commands = {"textspan": _run_textspan, "spurious": _run_spurious}
-    if args.command not in commands:
-        raise SystemExit(f"unknown command {args.command!r}; expected textspan or spurious")
-    try:
-        return commands[args.command](args)
-    except (runs.RunMismatchError, files.CorruptFileError) as err:
-        print(f"nha {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    """Execute a parsed ``textspan`` or ``spurious`` command; returns 0 (parts in ``--parts`` of another run, or
+    damaged ones: one line and 2, by :func:`nha_plugin.cli.common.dispatch`)."""
+    return _run_textspan(args) if args.command == "textspan" else _run_spurious(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..images import check_pixels
 from ..runs import RunMismatchError, check_key, module_fingerprint, run_key
 from ..spec import AttentionPoolSpec
 from .accumulators import DatasetStats, default_head_covariance
@@ -163,8 +164,8 @@ def collect(model, loader, *, batch_size: Optional[int] = None, k: int = 50,
         model: a CLIP-ResNet (open_clip / OpenAI / timm, whole model or image tower) or its spec.
         loader: an iterable of image batches (B, 3, S, S) or of (images, labels, ...) tuples, e.g. a
             ``DataLoader``; or, with ``batch_size``, a map-style ``Dataset`` whose items are image tensors
-            (3, S, S) or (image, label) tuples. Images must be preprocessed; they are moved to the model's
-            device and dtype.
+            (3, S, S) or (image, label) tuples. Images must be preprocessed float pixels (raw integer pixels are
+            refused); they are moved to the model's device and dtype.
         batch_size: set when ``loader`` is a Dataset (then sharded by index under torch.distributed).
         k: length of the per-pair top-k lists (the paper uses 50).
         head_covariance: keep the (H, D, D) head co-moments; None: as the resumed checkpoint, else only when
@@ -187,6 +188,7 @@ def collect(model, loader, *, batch_size: Optional[int] = None, k: int = 50,
     Raises:
         StatsMismatchError: ``resume`` and the checkpoint belongs to another run (names each difference).
         nha_plugin.files.CorruptFileError: ``resume`` and the checkpoint is corrupted or not statistics.
+        TypeError, ValueError: a batch is not float pixels (B, 3, H, W) (:func:`nha_plugin.images.check_pixels`).
     """
     from tqdm.auto import tqdm
 
@@ -240,6 +242,8 @@ def collect(model, loader, *, batch_size: Optional[int] = None, k: int = 50,
                    disable=not progress or rank != 0)
         since = 0
         for indices, images in batches:
+            # before the cast: uint8 pixels cast to floats would pass every later check
+            check_pixels(images, preprocess_hint="the model's preprocess (in the dataset or loader)")
             images = images.to(spec.device, spec.dtype)
             stats.update(decompose(spec, images).pair_coefficients, indices)
             if is_dataset:
