@@ -284,3 +284,14 @@ def make_sink_model(dtype=torch.float64, seed: int = 0, strength: float = 6.0) -
         pool.q_proj.bias += strength * r
         pool.positional_embedding[-1] += strength * torch.linalg.solve(pool.k_proj.weight, r)
     return model.to(dtype)
+
+
+def load_benchmark(name: str):
+    """The script benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,19 +1,13 @@
 """The benchmark scripts run (tiny model smoke run); their figures live in benchmarks/results/."""
-import importlib.util
 from pathlib import Path
+
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_decomposition_speed_quick(capsys):
-    bench = _load("decomposition_speed")
+    bench = load_benchmark("decomposition_speed")
     assert bench.main(["--quick", "--repeats", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "tiny" in out and "decomposition" in out
@@ -23,7 +17,7 @@ def test_decomposition_speed_quick(capsys):
 
 
 def test_vit_decomposition_speed_quick(capsys):
-    bench = _load("vit_decomposition_speed")
+    bench = load_benchmark("vit_decomposition_speed")
     assert bench.main(["--quick", "--repeats", "1", "--device", "cpu"]) == 0
     assert "tiny" in capsys.readouterr().out
 
