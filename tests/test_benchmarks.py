@@ -30,3 +30,17 @@ def test_stats_throughput_quick(tmp_path):
                           "--out", str(tmp_path / "st")], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "ratio" in run.stdout
+
+
+def test_timing_interleaves_warms_up_and_takes_ratios_round_by_round():
+    import statistics
+    timing = load_benchmark("timing")
+    calls = []
+    t = timing.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=5,
+                                warmup=2)
+    assert calls == ["a", "b"] * 7                                   # 2 warm-up rounds + 5 timed, alternating
+    assert len(t["a"]["runs"]) == 5 and t["a"]["median"] == statistics.median(t["a"]["runs"])
+    fake = {"x": {"runs": [2.0, 4.0, 9.0]}, "y": {"runs": [1.0, 1.0, 3.0]}}
+    r = timing.ratio(fake, "x", "y")
+    assert r["runs"] == [2.0, 4.0, 3.0] and (r["median"], r["min"], r["max"]) == (3.0, 2.0, 4.0)
+    assert timing.fmt(r, 1) == "3.0 [2.0, 4.0]"
