@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,28 +26,15 @@ import torch
 
 from nha_plugin.adapters import get_spec
 from nha_plugin.decomposition import LEVELS, decompose_features
+from nha_plugin.files import write_text
+
+# the benchmarks are scripts, not a package: the shared timing helper sits beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import fmt, ratio, time_interleaved  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TINY = dict(embed_dim=64, vision_cfg=dict(layers=[1, 1, 1, 1], width=16, head_width=64, image_size=128),
             text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _time(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    _sync(device)
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
 
 
 def build(name: str, device: str, dtype: torch.dtype, tiny: dict = TINY):
@@ -86,9 +72,10 @@ def bench_model(name: str, device: str, dtype: torch.dtype, batch: int, dense_ba
             contrib = decompose_features(spec, spec.trunk(xd))
             contrib.pair_contributions() @ target
 
-    t_fwd = _time(forward, device, repeats)
-    t_dec = _time(decomposition, device, repeats)
-    t_dense = _time(dense, device, max(1, repeats // 2))
+    # forward, decomposition and dense alternate within each round: the ratios are taken round by round
+    t = time_interleaved({"forward": forward, "decomposition": decomposition, "dense": dense}, repeats,
+                         device=device)
+    t_fwd, t_dec, t_dense = (t[key]["median"] for key in ("forward", "decomposition", "dense"))
     H, C, D = spec.num_heads, spec.num_neurons, spec.output_dim
     item = torch.tensor([], dtype=dtype).element_size()
     row = {
@@ -97,8 +84,15 @@ def bench_model(name: str, device: str, dtype: torch.dtype, batch: int, dense_ba
         "forward_img_s": batch / t_fwd, "decomposition_img_s": batch / t_dec, "dense_img_s": dense_batch / t_dense,
         "bytes_per_image_decomposition": H * C * item, "bytes_per_image_dense": H * C * D * item,
     }
-    row["decomposition_ratio"] = row["decomposition_img_s"] / row["forward_img_s"]
-    row["dense_ratio"] = row["dense_img_s"] / row["forward_img_s"]
+    # per-round ratios of images/s; dense runs a smaller batch, so its seconds are scaled to images first
+    per_round = {"forward": t["forward"], "decomposition": t["decomposition"],
+                 "dense": {"runs": [s * batch / dense_batch for s in t["dense"]["runs"]]}}
+    row["seconds"] = t
+    row["decomposition_ratio_spread"] = ratio(per_round, "forward", "decomposition")
+    row["dense_ratio_spread"] = ratio(per_round, "forward", "dense")
+    row["repeats"] = repeats
+    row["decomposition_ratio"] = row["decomposition_ratio_spread"]["median"]
+    row["dense_ratio"] = row["dense_ratio_spread"]["median"]
     return row
 
 
@@ -174,22 +168,20 @@ def write_results(out: str, stem: str, meta: dict, rows: list[dict], text: str) 
     """``out/stem.json`` ({"meta", "rows"}) and ``out/stem.md`` (``text``), each written atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for suffix, payload in ((".json", json.dumps({"meta": meta, "rows": rows}, indent=2)), (".md", text)):
-        tmp = out / (stem + suffix + ".tmp")
-        tmp.write_text(payload)
-        os.replace(tmp, out / (stem + suffix))
+    write_text(out / (stem + ".json"), json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_text(out / (stem + ".md"), text)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# decomposition_speed ({meta['device']}, {meta['dtype']})", "",
              f"{meta['when']} · torch {meta['torch']} · {meta['hardware']} · threads {meta['threads']}", "",
-             "| model | batch | forward img/s | decomposition img/s | ratio | dense img/s (batch) | dense ratio |"
-             " bytes/img ours | bytes/img dense |",
+             "| model | batch | forward img/s | decomposition img/s | ratio median [min, max] | dense img/s (batch) |"
+             " dense ratio median [min, max] | bytes/img ours | bytes/img dense |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['forward_img_s']:.2f} | {r['decomposition_img_s']:.2f} | "
-                     f"{r['decomposition_ratio']:.3f} | {r['dense_img_s']:.2f} ({r['dense_batch']}) | "
-                     f"{r['dense_ratio']:.3f} | {r['bytes_per_image_decomposition']:,} | "
+                     f"{fmt(r['decomposition_ratio_spread'])} | {r['dense_img_s']:.2f} ({r['dense_batch']}) | "
+                     f"{fmt(r['dense_ratio_spread'])} | {r['bytes_per_image_decomposition']:,} | "
                      f"{r['bytes_per_image_dense']:,} |")
     for m in meta.get("memory", []):
         lines.append("")
@@ -197,7 +189,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"growth {m['peak_rss_growth_mib']:.0f} MiB for the decomposition and scores at every level "
                      f"(1 and 10 targets); the dense (B, H, C, D) layout alone would take "
                      f"{m['dense_layout_mib']:,.0f} MiB.")
-    lines += ["", "decomposition = trunk + exact pair coefficients + scores at pair, head, neuron, token and "
+    repeats = rows[0]["repeats"] if rows else 0
+    lines += ["", f"img/s from the median of {repeats} interleaved rounds (forward, decomposition, dense, forward, ...) "
+              "after one warm-up round; each ratio is taken round by round: median [min, max] over the rounds.",
+              "", "decomposition = trunk + exact pair coefficients + scores at pair, head, neuron, token and "
               "spatial level for one target (+ bias and positional terms). dense = the reference's (B, H, C, D) "
               "per-pair contributions, projected on the same target. Target: ratio >= 0.9."]
     return "\n".join(lines) + "\n"
@@ -208,7 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["RN50", "RN50x16"])
     add_device_arguments(p, DTYPES)
     p.add_argument("--dense-batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny model only, for a smoke run")
     p.add_argument("--memory", nargs="*", default=["RN50x64"], help="attention-pool memory probe (batch 8)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))

@@ -17,7 +17,6 @@ Writes benchmarks/results/omp_speed_<device>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,12 +29,12 @@ import torch
 
 from nha_plugin.adapters import get_spec
 from nha_plugin.pool import pair_directions
+from nha_plugin.files import write_json, write_text
 from nha_plugin.text import prepare_dictionary, sparse_decompose
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+# the benchmarks are scripts, not a package: the shared timing helper sits beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import fmt, spread, sync, time_interleaved  # noqa: E402
 
 
 def rn50x16_spec():
@@ -65,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--screen", type=int, default=8, help="also time the bf16-screened variant (0: skip)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (after one warm-up round)")
     p.add_argument("--all-pairs", action="store_true", help="all RN50x16 pairs on --device")
     p.add_argument("--max-heads", type=int, default=None, help="--all-pairs: only this many heads, extrapolated")
     p.add_argument("--quick", action="store_true", help="N=2000, B=32, k=16 (smoke run)")
@@ -86,43 +86,52 @@ def main(argv=None) -> int:
           f"os.cpu_count {os.cpu_count()}")
 
     X = np.asfortranarray(A.T.numpy())                                 # (D, N), float32, as sklearn wants
-    start = time.perf_counter()
-    ref = orthogonal_mp(X, Y[:S].T.numpy(), n_nonzero_coefs=k).T      # (S, N)
-    t_sk = (time.perf_counter() - start) * B / S                       # scaled to all B targets
+    screens = {"exact": None}
+    if args.screen:
+        screens[f"screen={args.screen}"] = args.screen
+    out_codes, out_ref = {}, {}
+
+    def sklearn_run():
+        out_ref["ref"] = orthogonal_mp(X, Y[:S].T.numpy(), n_nonzero_coefs=k).T   # (S, N)
+
+    def ours(name):
+        def run():
+            out_codes[name] = sparse_decompose(Y, A, k=k, device=args.device, screen=screens[name])
+        return run
+
+    # scikit-learn on S targets and each nha variant on all B alternate within every round; the per-target
+    # speed ratio is taken round by round, so a machine whose load drifts hits both alike
+    fns = {"sklearn": sklearn_run, **{name: ours(name) for name in screens}}
+    times = time_interleaved(fns, repeats=args.repeats, device=args.device)
+    ref = out_ref["ref"]
+    t_sk = times["sklearn"]["median"] * B / S                          # scaled to all B targets
     full = (ref != 0).sum(axis=1) == k                                 # sklearn stops early on float32 ties
     print(f"scikit-learn orthogonal_mp (CPU) on {S} targets: {1e3 * t_sk / B:.1f} ms/target; "
           f"{int((~full).sum())} targets stopped early (fewer than k atoms)")
 
-    def ours(screen=None):
-        sparse_decompose(Y[:8], A, k=k, device=args.device, screen=screen)    # warm-up
-        _sync(args.device)
-        start = time.perf_counter()
-        codes = sparse_decompose(Y, A, k=k, device=args.device, screen=screen)
-        _sync(args.device)
-        return codes, time.perf_counter() - start
-
     rows = {}
-    for name, screen in (("exact", None), (f"screen={args.screen}", args.screen or None)):
-        if name != "exact" and not args.screen:
-            continue
-        codes, t = ours(screen)
+    for name in screens:
+        codes, t = out_codes[name], times[name]["median"]
         same = [set(np.flatnonzero(ref[b])) == set(codes.indices[b].cpu().tolist()) for b in range(S)]
         dense = codes.dense(N)[:S].cpu().double().numpy()
         err = float(np.abs(dense - ref).max())
         same_full = float(np.mean([sm for sm, f in zip(same, full) if f])) if full.any() else float("nan")
         err_full = float(np.abs(dense[full] - ref[full]).max()) if full.any() else float("nan")
-        rows[name] = {"seconds": t, "ms_per_target": 1e3 * t / B, "ratio_vs_sklearn": t_sk / t,
+        per_round = spread([(a / S) / (b / B) for a, b in zip(times["sklearn"]["runs"], times[name]["runs"])])
+        rows[name] = {"seconds": t, "seconds_spread": times[name], "ms_per_target": 1e3 * t / B,
+                      "ratio_vs_sklearn": per_round["median"], "ratio_vs_sklearn_spread": per_round,
                       "same_support_fraction": float(np.mean(same)), "max_coefficient_difference": err,
                       "same_support_fraction_where_sklearn_gave_k": same_full,
                       "max_coefficient_difference_where_sklearn_gave_k": err_full}
         print(f"nha sparse_decompose {name} ({args.device}): {t:.2f} s, {1e3 * t / B:.1f} ms/target, "
-              f"{t_sk / t:.1f}x scikit-learn; identical supports {np.mean(same):.1%} ({same_full:.1%} where scikit-learn "
-              f"gave k atoms, max |coef diff| there {err_full:.1e})")
+              f"{fmt(per_round, 1)}x scikit-learn; identical supports {np.mean(same):.1%} ({same_full:.1%} where "
+              f"scikit-learn gave k atoms, max |coef diff| there {err_full:.1e})")
 
     result = {"problem": {"atoms": N, "dim": D, "targets": B, "sklearn_targets": S, "k": k,
                           "targets_from": "random-init RN50x16 pairs",
                           "dictionary": "random, centred, unit-norm rows", "dtype": "float32"},
               "sklearn": {"seconds_scaled_to_all_targets": t_sk, "ms_per_target": 1e3 * t_sk / B, "device": "cpu",
+                          "seconds_spread_on_sklearn_targets": times["sklearn"], "repeats": args.repeats,
                           "targets_stopped_early": int((~full).sum())},
               "nha": rows, "device": args.device,
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -138,12 +147,12 @@ def main(argv=None) -> int:
         heads = range(args.max_heads if args.max_heads else H)
         A_dev = A.to(args.device)
         sparse_decompose(Y[:8], A_dev, k=k, device=args.device)
-        _sync(args.device)
+        sync(args.device)
         start = time.perf_counter()
         for h in heads:
             u = torch.nn.functional.normalize(pair_directions(spec, heads=slice(h, h + 1))[0].to(args.device), dim=1)
             sparse_decompose(u, A_dev, k=k, device=args.device)
-        _sync(args.device)
+        sync(args.device)
         t_all = time.perf_counter() - start
         done = len(heads) * C
         est = t_all * H * C / done
@@ -158,28 +167,26 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if args.device == "cpu" else args.device.split(":")[0]
     stem = out / f"omp_speed_{tag}{'_quick' if args.quick else ''}"
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, stem.with_suffix(".json"))
+    write_json(stem.with_suffix(".json"), result)
     md = [f"# OMP speed ({args.device})", "",
           f"{B} RN50x16 pair directions (D={D}), {N} atoms, k={k}, float32; nha solves all {B} in one call, "
           f"scikit-learn the first {S} (its time per target does not depend on B; agreement is checked on those). "
-          f"torch threads {torch.get_num_threads()}; load average at the end {os.getloadavg()[0]:.1f}.", "",
+          f"torch threads {torch.get_num_threads()}; load average at the end {os.getloadavg()[0]:.1f}. Median of "
+          f"{args.repeats} interleaved rounds (scikit-learn, nha exact, nha screened, ...) after a warm-up round; the "
+          "ratio is taken round by round: median [min, max].", "",
           f"scikit-learn stopped early (fewer than k atoms, float32 near-dependence) on {int((~full).sum())} targets.", "",
-          "| solver | s | ms/target | vs scikit-learn | identical supports (all / where scikit-learn gave k) |",
+          "| solver | s | ms/target | vs scikit-learn median [min, max] | identical supports (all / where scikit-learn gave k) |",
           "|---|---|---|---|---|",
           f"| scikit-learn orthogonal_mp (CPU) | {t_sk:.1f} (scaled from {S}) | {1e3 * t_sk / B:.1f} | 1.0x | - |"]
     for name, r in rows.items():
         md.append(f"| nha sparse_decompose {name} ({args.device}) | {r['seconds']:.1f} | {r['ms_per_target']:.1f} | "
-                  f"{r['ratio_vs_sklearn']:.1f}x | {r['same_support_fraction']:.1%} / "
+                  f"{fmt(r['ratio_vs_sklearn_spread'], 1)}x | {r['same_support_fraction']:.1%} / "
                   f"{r['same_support_fraction_where_sklearn_gave_k']:.1%} |")
     if result["all_pairs"]:
         a = result["all_pairs"]
         md += ["", f"All {a['pairs_total']} RN50x16 pairs on {args.device}: {a['seconds_all_pairs']:.1f} s"
                + (" (extrapolated)" if a["extrapolated"] else "")]
-    tmp = stem.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md) + "\n")
-    os.replace(tmp, stem.with_suffix(".md"))
+    write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
     print(f"wrote {stem}.json and .md")
     return 0
 

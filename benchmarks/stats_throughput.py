@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +32,10 @@ import torch
 import torch.multiprocessing as mp
 
 from nha_plugin.files import write_json, write_text
+
+# the benchmarks are scripts, not a package: the shared timing helper sits beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import fmt, ratio, time_interleaved  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,11 +50,6 @@ def build(name: str, device: str):
     visual = model.visual.to(device).eval()
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
     return visual, size
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def throughput(name: str, device: str, batch: int, batches: int, repeats: int, warm_images: int) -> dict:
@@ -82,27 +80,18 @@ def throughput(name: str, device: str, batch: int, batches: int, repeats: int, w
         for b, x in enumerate(data):
             st.update(decompose(spec, x).pair_coefficients, torch.arange(batch * b, batch * (b + 1)) + warm_images)
 
-    times = {"forward": [], "cold": [], "steady": []}
-    fns = {"forward": forward, "cold": cold, "steady": steady}
-    for fn in fns.values():                                              # warm-up
-        fn()
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[key].append(time.perf_counter() - start)
+    t = time_interleaved({"forward": forward, "cold": cold, "steady": steady}, repeats, device=device)
     n = batch * batches
     state_bytes = sum(t.numel() * t.element_size() for t in warm.state_tensors().values())
     row = {"model": name, "device": device, "batch": batch, "images": n, "repeats": repeats,
            "warm_images": warm_images, "H": spec.num_heads, "C": spec.num_neurons, "D": spec.output_dim,
            "head_covariance": warm.head_comoment is not None, "statistics_state_mib": state_bytes / 2 ** 20,
-           "forward_img_s": n / statistics.median(times["forward"]),
-           "stats_cold_img_s": n / statistics.median(times["cold"]),
-           "stats_img_s": n / statistics.median(times["steady"])}
-    row["ratio"] = row["stats_img_s"] / row["forward_img_s"]
-    row["ratio_cold"] = row["stats_cold_img_s"] / row["forward_img_s"]
+           "forward_img_s": n / t["forward"]["median"], "stats_cold_img_s": n / t["cold"]["median"],
+           "stats_img_s": n / t["steady"]["median"], "seconds": t,
+           # images/s ratios taken round by round (forward seconds over statistics seconds)
+           "ratio_spread": ratio(t, "forward", "steady"), "ratio_cold_spread": ratio(t, "forward", "cold")}
+    row["ratio"] = row["ratio_spread"]["median"]
+    row["ratio_cold"] = row["ratio_cold_spread"]["median"]
     return row
 
 
@@ -208,14 +197,16 @@ def markdown(rows: list, mem: list, scale: dict, meta: dict) -> str:
              f"load average {meta['load_before']} before, {meta['load_after']} after", "", meta["note"], "",
              f"statistics img/s: steady state (the statistics already hold {rows[0]['warm_images'] if rows else 0} "
              "images, so the top-k lists are full, as in any long pass); cold: a fresh `collect` over the same "
-             "batches (every list still filling, the worst case).", "",
-             "| model | H x C, D | batch x images | forward img/s | statistics img/s | ratio | cold img/s | "
-             "cold ratio | state MiB | forward peak MiB/img | statistics peak MiB/img |",
+             "batches (every list still filling, the worst case). img/s from the median of "
+             f"{rows[0]['repeats'] if rows else 0} interleaved rounds (forward, cold, steady, forward, ...) after a "
+             "warm-up round; ratios taken round by round, median [min, max].", "",
+             "| model | H x C, D | batch x images | forward img/s | statistics img/s | ratio median [min, max] | "
+             "cold img/s | cold ratio median [min, max] | state MiB | forward peak MiB/img | statistics peak MiB/img |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r, m in zip(rows, mem):
         lines.append(f"| {r['model']} | {r['H']} x {r['C']}, {r['D']} | {r['batch']} x {r['images']} | "
-                     f"{r['forward_img_s']:.2f} | {r['stats_img_s']:.2f} | {r['ratio']:.3f} | "
-                     f"{r['stats_cold_img_s']:.2f} | {r['ratio_cold']:.3f} | "
+                     f"{r['forward_img_s']:.2f} | {r['stats_img_s']:.2f} | {fmt(r['ratio_spread'])} | "
+                     f"{r['stats_cold_img_s']:.2f} | {fmt(r['ratio_cold_spread'])} | "
                      f"{r['statistics_state_mib']:.1f}{' (+head cov)' if r['head_covariance'] else ''} | "
                      f"{m['forward_peak_mib_per_image']:.2f} | {m['stats_peak_mib_per_image']:.2f} |")
     lines += ["", f"Memory: {mem[0]['memory_method']}." if mem else "", ""]
@@ -235,7 +226,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="scenes-rn,RN50", help="comma-separated (scenes-rn or open_clip names)")
     ap.add_argument("--batch", type=int, default=None, help="images per batch (default 32; RN50-size models 8)")
     ap.add_argument("--batches", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warm", type=int, default=200, help="images already in the statistics for the steady state")
     ap.add_argument("--scaling-images", type=int, default=192, help="images for the 1-vs-2-process run (0: skip)")
     ap.add_argument("--quick", action="store_true", help="scenes-rn only, 1 batch of 8, 2 repeats, 32-image scaling")

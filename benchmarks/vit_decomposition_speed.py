@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,31 +30,11 @@ from nha_plugin.vit.decomposition import LEVELS
 # the benchmarks are scripts, not a package: the CLIP-ResNet benchmark beside this file holds the shared harness
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decomposition_speed as rn_speed  # noqa: E402
+from timing import fmt, ratio, time_interleaved  # noqa: E402
 
 DTYPES = {**rn_speed.DTYPES, "fp64": torch.float64}
 TINY = dict(embed_dim=32, vision_cfg=dict(layers=3, width=64, head_width=16, patch_size=16, image_size=64),
             text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
-
-
-def _sync(device: str) -> None:
-    """Wait for the GPU's queued work, so a timer measures it."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _time_interleaved(fns: list, device: str, repeats: int) -> list[float]:
-    """Median seconds of each of ``fns`` over ``repeats`` rounds after one warm-up round. The functions run in
-    turn within each round, so a load that changes over time (a shared machine) hits all of them alike."""
-    runs = [[] for _ in fns]
-    for round_ in range(repeats + 1):
-        for fn, times in zip(fns, runs):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            if round_:
-                times.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in runs]
 
 
 def build(name: str, device: str, dtype: torch.dtype):
@@ -81,7 +60,8 @@ def bench_model(name: str, device: str, dtype: torch.dtype, batch: int, repeats:
                 c.scores_and_rest(target, level=level)
         return c
 
-    t_fwd, t_dec = _time_interleaved([forward, decomposition], device, repeats)
+    t = time_interleaved({"forward": forward, "decomposition": decomposition}, repeats, device=device)
+    t_fwd, t_dec = t["forward"]["median"], t["decomposition"]["median"]
     c = decomposition()
     with torch.no_grad():
         errors = {level: float(c.completeness_error(target, level=level).max()) for level in LEVELS}
@@ -95,7 +75,9 @@ def bench_model(name: str, device: str, dtype: torch.dtype, batch: int, repeats:
         "max_completeness_error": max(errors.values()), "completeness_error_by_level": errors,
         "bytes_per_image_decomposition": kept, "bytes_per_image_dense": L * H * N * D * item,
     }
-    row["decomposition_ratio"] = row["decomposition_img_s"] / row["forward_img_s"]
+    row["seconds"] = t
+    row["decomposition_ratio_spread"] = ratio(t, "forward", "decomposition")     # images/s ratio, per round
+    row["decomposition_ratio"] = row["decomposition_ratio_spread"]["median"]
     return row
 
 
@@ -137,12 +119,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# vit_decomposition_speed ({meta['device']}, {meta['dtype']})", "",
              f"{meta['when']} · torch {meta['torch']} · {meta['hardware']} · threads {meta['threads']} · "
              f"load average before the run {meta['load_average']}", "",
-             "| model | batch | forward img/s | decomposition + all scores img/s | ratio | max rel. completeness "
+             "| model | batch | forward img/s | decomposition + all scores img/s | ratio median [min, max] | max rel. completeness "
              "error | bytes/img kept | bytes/img dense (L,H,N,D) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['forward_img_s']:.2f} | {r['decomposition_img_s']:.2f} | "
-                     f"{r['decomposition_ratio']:.3f} | {r['max_completeness_error']:.1e} | "
+                     f"{fmt(r['decomposition_ratio_spread'])} | {r['max_completeness_error']:.1e} | "
                      f"{r['bytes_per_image_decomposition']:,} | {r['bytes_per_image_dense']:,} |")
     for m in meta.get("memory", []):
         lines += ["", f"Memory, {m['model']}, batch {m['batch']} (CPU, fp32, one process): the decomposition and "
@@ -151,7 +133,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                   f"{m['dense_layout_mib']:,.0f} MiB. Single run: forward {m['forward_s']:.1f} s, decomposition + "
                   f"all scores {m['decomposition_and_scores_s']:.1f} s; completeness error (spatial, 10 targets) "
                   f"{m['completeness_error_spatial_10_targets']:.1e}."]
-    lines += ["", f"Median of {meta['repeats']} rounds; forward and decomposition alternate within each round. "
+    lines += ["", f"Median of {meta['repeats']} rounds after a warm-up round; forward and decomposition alternate within "
+              "each round and the ratio is taken round by round (median [min, max]). "
               "forward = the image tower's own forward (open_clip, no grad). decomposition = "
               "`nha_plugin.vit.decompose` (the forward recomputed from the weights, keeping class-token attention "
               "rows and per-token values of every layer) + scores and rest terms at component, layer, head, token "

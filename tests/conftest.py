@@ -451,3 +451,14 @@ def assert_refused(capsys, text: str, main, argv) -> str:
     assert status == 2 and text in err and "Traceback" not in err, (status, err)
     assert len(err.strip().splitlines()) == 1, err
     return err
+
+
+def load_benchmark(name: str):
+    """The script benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

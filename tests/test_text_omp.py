@@ -113,3 +113,25 @@ def test_linearly_dependent_atoms_get_zero_coefficients_not_blow_up(dtype):
     assert (codes.residual_norms.double() - best).abs().max() < tol
     assert ((codes.coefficients != 0).sum(dim=1) == 12).all()          # the rank: the rest are dependent
     assert (codes.indices.sort(dim=1).values.diff(dim=1) > 0).all()     # still k distinct atoms
+
+
+@pytest.mark.parametrize("gap,block", [(1e-6, None), (1e-9, None), (1e-6, 256)])
+def test_near_ties_pick_the_same_atoms_as_sklearn(gap, block, monkeypatch):
+    """Pairs of atoms whose correlations with every residual differ by ~gap (a perturbed copy of each atom):
+    far above float64 rounding, so the argmax is well defined and must be scikit-learn's, also when the
+    correlations are computed a block of atoms at a time (block=256 splits the pairs across blocks)."""
+    if block is not None:
+        import nha_plugin.text.omp as omp_module
+        monkeypatch.setattr(omp_module, "_CPU_BLOCK_BYTES", block * 8 * 24)     # 256 atoms per block, 24 targets
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(400, 48, generator=g, dtype=torch.float64)
+    twins = base + gap * torch.randn(400, 48, generator=g, dtype=torch.float64)
+    A = torch.nn.functional.normalize(torch.cat([base, twins])[torch.randperm(800, generator=g)], dim=1)
+    # targets built from atoms, so the first picks are near-tied between an atom and its twin
+    W = torch.randn(24, 800, generator=g, dtype=torch.float64) * (torch.rand(24, 800, generator=g) < 0.01)
+    Y = W @ A + 1e-3 * torch.randn(24, 48, generator=g, dtype=torch.float64)
+    codes = sparse_decompose(Y, A, k=12, sort=False)
+    ref = sklearn_omp(A.T.numpy(), Y.T.numpy(), n_nonzero_coefs=12).T
+    for b in range(24):
+        assert set(np.flatnonzero(ref[b])) == set(codes.indices[b].tolist()), f"support differs for target {b}"
+    np.testing.assert_allclose(codes.dense(800).numpy(), ref, atol=1e-9, rtol=1e-9)

@@ -9,10 +9,12 @@ batched over targets; ``tests/test_text_omp.py`` checks supports and coefficient
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["SparseCodes", "sparse_decompose", "prepare_dictionary", "NORMALIZATIONS"]
@@ -85,56 +87,162 @@ def prepare_dictionary(embeddings: Tensor, normalization: str = "text", center: 
     return x
 
 
-def _omp_chunk(Y: Tensor, A: Tensor, k: int, atom_sq: Tensor, screen: Optional[int] = None,
-               A_low: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+# ---- picking each residual's next atom ----------------------------------------------------------------------
+# On a CPU the correlations are computed a block of atoms at a time into a reused buffer that stays in the
+# last-level cache: the |.|, the maximum and the merge then read cache, not memory, and no (B, N) matrix is
+# allocated (and page-faulted) at every step. A GPU takes all atoms in one block.
+_CPU_BLOCK_BYTES = 8 * 2 ** 20
+
+
+def _atom_block(device: torch.device, targets: int, atoms: int, itemsize: int) -> int:
+    """Atoms per correlation block: all of them on a GPU, about 8 MiB of correlations on a CPU."""
+    if device.type != "cpu":
+        return atoms
+    return max(256, min(atoms, _CPU_BLOCK_BYTES // (itemsize * max(targets, 1))))
+
+
+class _Buffers:
+    """Reused output buffers of the block products, one per (rows, columns, dtype)."""
+
+    def __init__(self):
+        self.store = {}
+
+    def get(self, rows: int, cols: int, like: Tensor) -> Tensor:
+        key = (rows, cols, like.dtype)
+        if key not in self.store:
+            self.store[key] = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+        return self.store[key]
+
+
+def _merge_best(best: Optional[tuple[Tensor, Tensor]], values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """The running (value, index) maximum per row; a tie keeps the earlier block (first index, as argmax)."""
+    if best is None:
+        return values, indices
+    better = values > best[0]
+    return torch.where(better, values, best[0]), torch.where(better, indices, best[1])
+
+
+def _exact_best(R: Tensor, A: Tensor, taken: Tensor, block: int, buffers: _Buffers) -> Tensor:
+    """(B,) index of each row of R's atom with the largest |correlation| (first on ties), never one in ``taken``.
+
+    Args:
+        R: (B, D) residuals. A: (N, D) atoms. taken: (B, j) atoms already selected (j may be 0).
+        block: atoms per block product. buffers: reused block outputs.
+    """
+    best = None
+    for n0 in range(0, A.shape[0], block):
+        atoms = A[n0:n0 + block]
+        corr = torch.mm(R, atoms.T, out=buffers.get(R.shape[0], atoms.shape[0], R)).abs_()
+        values, indices = corr.max(dim=1)
+        best = _merge_best(best, values, indices + n0)
+    pick = best[1]
+    # A selected atom has correlation ~0 (the residual is orthogonal to it), so it wins only when every
+    # correlation is at rounding level (a target already fitted exactly, or k above the rank): redo those rows
+    # over all atoms with the selected ones masked, as the one-shot product would.
+    clash = (taken == pick[:, None]).any(dim=1)
+    if bool(clash.any()):
+        corr = torch.mm(R[clash], A.T).abs_()
+        corr.scatter_(1, taken[clash], -1.0)
+        pick[clash] = corr.argmax(dim=1)
+    return pick
+
+
+class _Screen:
+    """Low-precision copies of the atoms for ``screen``: int8 (fbgemm, per-atom scales) on CPUs that have it,
+    else bfloat16; correlations of unit-norm residuals, as blocks of atoms."""
+
+    def __init__(self, A: Tensor, block: int):
+        self.block, self.atoms, self.int8 = block, A.shape[0], None
+        if A.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")       # the quantized tensor API warns that it is deprecated
+                try:
+                    self.int8 = [self._pack(A[n0:n0 + block].float()) for n0 in range(0, A.shape[0], block)]
+                except (RuntimeError, AttributeError):
+                    self.int8 = None
+        self.low = None if self.int8 is not None else A.to(torch.bfloat16)
+
+    @staticmethod
+    def _pack(atoms: Tensor):
+        """fbgemm weights: symmetric int8 per atom (scale max|a| / 127, zero point 0)."""
+        scales = (atoms.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny).double()
+        q = torch.quantize_per_channel(atoms, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, None)
+
+    def top(self, R: Tensor, m: int) -> Tensor:
+        """(B, m) indices of the m atoms with the largest approximate |correlation| with each row of R."""
+        unit = F.normalize(R.float(), dim=1)             # one activation scale fits every row (argmax is scale-free)
+        found = None
+        for b, n0 in enumerate(range(0, self.atoms, self.block)):
+            if self.int8 is not None:
+                # reduce_range: 7-bit activations, so AVX2's pairwise int16 sums cannot saturate
+                corr = torch.ops.quantized.linear_dynamic(unit, self.int8[b], True)
+            else:
+                corr = torch.mm(unit.to(torch.bfloat16), self.low[n0:n0 + self.block].T)
+            values, indices = corr.abs_().topk(min(m, corr.shape[1]), dim=1)
+            values, indices = values.float(), indices + n0
+            if found is not None:
+                values, indices = torch.cat([found[0], values], 1), torch.cat([found[1], indices], 1)
+                keep = values.topk(min(m, values.shape[1]), dim=1).indices
+                values, indices = values.gather(1, keep), indices.gather(1, keep)
+            found = values, indices
+        return found[1]
+
+
+def _screened_best(R: Tensor, A: Tensor, taken: Tensor, screen: _Screen, m: int, block: int,
+                   buffers: _Buffers) -> Tensor:
+    """As :func:`_exact_best`, choosing among each row's m best atoms by the low-precision correlations, whose
+    correlations are then recomputed in R's precision."""
+    cand = screen.top(R, m)                                                       # (B, m)
+    exact = torch.einsum("bmd,bd->bm", A[cand], R).abs_()
+    exact.masked_fill_((cand[:, :, None] == taken[:, None, :]).any(dim=2), -1.0)
+    best = exact.max(dim=1)
+    pick = cand.gather(1, best.indices[:, None])[:, 0]
+    lost = best.values < 0                  # every candidate already selected: a residual at rounding level
+    if bool(lost.any()):
+        pick[lost] = _exact_best(R[lost], A, taken[lost], block, buffers)
+    return pick
+
+
+def _omp_chunk(Y: Tensor, A: Tensor, k: int, atom_sq: Tensor, pick) -> tuple[Tensor, Tensor]:
     """OMP on one chunk: Y (B, D), A (N, D), atom_sq (N,) squared atom norms -> indices, coefficients (B, k).
 
-    With ``screen`` = m, the correlations are first computed with ``A_low`` (a bfloat16 copy of A), the m
-    largest per target are recomputed exactly, and the best of those is selected."""
+    ``pick(R, taken)`` returns each residual's next atom. The selected atoms are kept as an orthonormal basis
+    Q (Gram-Schmidt, applied twice so Q stays orthonormal to working precision) with A_S = L Q, L lower
+    triangular (the Cholesky factor of the atoms' Gram matrix, as scikit-learn's): each step appends one row
+    to L, one basis vector q and one coordinate z = q . r, and the residual loses its component along q. No
+    triangular solve runs inside the loop; the coefficients solve L^T x = z once at the end."""
     B, D = Y.shape
     dev, dt = Y.device, Y.dtype
     idx = torch.zeros(B, k, dtype=torch.long, device=dev)
-    sel = torch.zeros(B, k, D, dtype=dt, device=dev)           # the selected atoms, A[idx]
+    Q = torch.zeros(B, k, D, dtype=dt, device=dev)
     L = torch.zeros(B, k, k, dtype=dt, device=dev)
-    alpha = torch.zeros(B, k, dtype=dt, device=dev)             # A[idx] . y
-    R = Y
-    gamma = alpha[:, :0]
-    eps = torch.finfo(dt).eps
-    dependence_tol = eps ** 0.5
+    z = torch.zeros(B, k, dtype=dt, device=dev)
+    R = Y.clone()
+    dependence_tol = torch.finfo(dt).eps ** 0.5
     for j in range(k):
-        if screen is None:
-            corr = torch.mm(R, A.T).abs_()
-            corr.scatter_(1, idx[:, :j], -1.0)                  # never pick an atom twice
-            new = corr.argmax(dim=1)
-        else:
-            corr = torch.mm(R.to(A_low.dtype), A_low.T).abs_()
-            corr.scatter_(1, idx[:, :j], -1.0)
-            cand = corr.topk(screen, dim=1).indices             # (B, m)
-            exact = torch.einsum("bmd,bd->bm", A[cand], R).abs_()
-            exact.masked_fill_((cand[:, :, None] == idx[:, None, :j]).any(dim=2), -1.0)
-            new = cand.gather(1, exact.argmax(dim=1, keepdim=True))[:, 0]
-        del corr
+        new = pick(R, idx[:, :j])
         idx[:, j] = new
-        a_new = A[new]                                           # (B, D)
-        sel[:, j] = a_new
-        alpha[:, j] = (a_new * Y).sum(dim=1)
-        if j == 0:
-            L[:, 0, 0] = atom_sq[new].sqrt()
-        else:
-            v = torch.bmm(sel[:, :j], a_new[:, :, None])                               # (B, j, 1)
-            w = torch.linalg.solve_triangular(L[:, :j, :j], v, upper=False)[..., 0]
-            diag = atom_sq[new] - (w * w).sum(dim=1)
-            # An atom (numerically) inside the span of those already chosen would make the Cholesky factor
-            # singular and the coefficients explode (scikit-learn stops early there). Keep it in the support
-            # with coefficient 0 instead: its row is decoupled from the others and its right-hand side is 0.
-            dependent = ~(diag > dependence_tol * atom_sq[new])
-            L[:, j, :j] = w.masked_fill(dependent[:, None], 0.0)
-            L[:, j, j] = torch.where(dependent, torch.ones_like(diag), diag.clamp_min(eps).sqrt())
-            alpha[:, j] = alpha[:, j].masked_fill(dependent, 0.0)
-        gamma = torch.cholesky_solve(alpha[:, :j + 1, None], L[:, :j + 1, :j + 1], upper=False)   # (B, j+1, 1)
-        R = Y - torch.bmm(gamma.transpose(1, 2), sel[:, :j + 1])[:, 0]
-        gamma = gamma[..., 0]
-    return idx, gamma
+        u = A[new]                                                                 # (B, D)
+        w = torch.zeros(B, j, dtype=dt, device=dev)
+        for _ in range(2 if j else 0):                                             # "twice is enough"
+            c = torch.einsum("bjd,bd->bj", Q[:, :j], u)
+            u = u - torch.einsum("bj,bjd->bd", c, Q[:, :j])
+            w += c
+        d2 = (u * u).sum(dim=1)
+        # An atom (numerically) inside the span of those already chosen would make L singular and the
+        # coefficients explode (scikit-learn stops early there). Keep it in the support with coefficient 0
+        # instead: its row of L is (0, ..., 0, 1), its basis vector and coordinate are 0.
+        dependent = ~(d2 > dependence_tol * atom_sq[new])
+        d = torch.where(dependent, torch.ones_like(d2), d2.sqrt())
+        q = (u / d[:, None]).masked_fill_(dependent[:, None], 0.0)
+        Q[:, j] = q
+        L[:, j, :j] = w.masked_fill_(dependent[:, None], 0.0)
+        L[:, j, j] = d
+        z[:, j] = (q * R).sum(dim=1)                                               # modified Gram-Schmidt
+        R -= z[:, j, None] * q
+    coef = torch.linalg.solve_triangular(L.transpose(1, 2), z[:, :, None], upper=True)[..., 0]
+    return idx, coef
 
 
 def sparse_decompose(targets: Tensor, dictionary: Tensor, k: int = 64, *, chunk_size: Optional[int] = None,
@@ -187,11 +295,8 @@ def sparse_decompose(targets: Tensor, dictionary: Tensor, k: int = 64, *, chunk_
     if dtype is None:
         dtype = torch.float64 if targets.dtype == torch.float64 else torch.float32
     A = dictionary.to(device=device, dtype=dtype)
-    A_low = None
-    if screen is not None:
-        if not 1 <= screen <= N:
-            raise ValueError(f"screen must be between 1 and the number of atoms ({N}); got {screen}")
-        A_low = A.to(torch.bfloat16)
+    if screen is not None and not 1 <= screen <= N:
+        raise ValueError(f"screen must be between 1 and the number of atoms ({N}); got {screen}")
     atom_sq = (A * A).sum(dim=1)
     if bool((atom_sq <= torch.finfo(dtype).tiny).any()):
         raise ValueError("the dictionary has a zero atom (a duplicate text after centring, or a single text); "
@@ -199,6 +304,16 @@ def sparse_decompose(targets: Tensor, dictionary: Tensor, k: int = 64, *, chunk_
     B = targets.shape[0]
     if chunk_size is None:
         chunk_size = max(1, min(B, (64 * 2 ** 20) // max(N, 1)))
+    block = _atom_block(device, min(chunk_size, B), N, A.element_size())
+    buffers = _Buffers()
+    if screen is None:
+        def pick(R, taken):
+            return _exact_best(R, A, taken, block, buffers)
+    else:
+        low = _Screen(A, block)
+
+        def pick(R, taken):
+            return _screened_best(R, A, taken, low, screen, block, buffers)
     idx_out, coef_out, res_out, norm_out = [], [], [], []
     starts = range(0, B, chunk_size)
     if progress:
@@ -207,7 +322,7 @@ def sparse_decompose(targets: Tensor, dictionary: Tensor, k: int = 64, *, chunk_
     with torch.no_grad():
         for s in starts:
             Y = targets[s:s + chunk_size].to(device=device, dtype=dtype)
-            idx, coef = _omp_chunk(Y, A, k, atom_sq, screen, A_low)
+            idx, coef = _omp_chunk(Y, A, k, atom_sq, pick)
             recon = torch.einsum("bj,bjd->bd", coef, A[idx])
             idx_out.append(idx)
             coef_out.append(coef)
