@@ -32,8 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _quick_help() -> str:
     c = QUICK["captum"]
-    return (f"a small run: {QUICK['n']} images ({QUICK['n_subset']} with max-sensitivity and the randomisation "
-            f"check), {QUICK['del_ins_steps']} deletion/insertion steps, {QUICK['infidelity_samples']} infidelity and "
+    return (f"a small run: {QUICK['n']} images, every metric on each, {QUICK['del_ins_steps']} deletion/insertion steps, {QUICK['infidelity_samples']} infidelity and "
             f"{QUICK['sensitivity_samples']} sensitivity samples, randomising "
             f"{', '.join(QUICK['randomisation_stages'])}; "
             f"integrated gradients {c.ig_steps} steps, GradientShap {c.gradshap_samples} samples, occlusion window "
@@ -53,8 +52,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=positive_int, default=None,
                    help=f"number of images (default {d.n}; --quick {QUICK['n']})")
     p.add_argument("--n-subset", type=non_negative_int, default=None,
-                   help=f"images that get max-sensitivity and the randomisation check (default {d.n_subset}; "
-                        f"--quick {QUICK['n_subset']})")
+                   help="images that get max-sensitivity and the randomisation check (default: every image)")
+    p.add_argument("--target-mode", choices=("plain", "contrastive"), default=d.target_mode,
+                   help="plain: the target's logit; contrastive: the logit minus the mean over classes")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per method call")
     p.add_argument("--seed", type=non_negative_int, default=d.seed, help="dataset seed (held out from training)")
     p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
@@ -78,7 +78,8 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
         UsageError: an unknown method or metric group (naming the closest), ``--path`` missing or not a file.
     """
     cfg = BenchmarkConfig(model=args.model, dataset=args.dataset, path=args.path, batch_size=args.batch_size,
-                          seed=args.seed, device=args.device, out=args.out, quiet=args.quiet, fresh=args.fresh)
+                          seed=args.seed, device=args.device, out=args.out, quiet=args.quiet, fresh=args.fresh,
+                          target_mode=args.target_mode)
     if args.quick:
         for k, v in QUICK.items():
             setattr(cfg, k, v)

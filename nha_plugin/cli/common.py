@@ -44,6 +44,8 @@ COMMANDS = {
     "spurious": ("vit", "worst-group accuracy before/after mean-ablating place heads"),
     "neurons": ("neurons", "second-order effects of CLIP-ViT neurons (stats, describe, ablate, segment, "
                            "adversarial)"),
+    "report": ("report", "a static browsable report: leaderboard with intervals, per-image maps, atlas of heads, "
+                         "neurons and pairs"),
 }
 
 
