@@ -1,7 +1,6 @@
 """The segmentor's ``preset="paper"`` against the NAD paper's crop logits computed here by a dense loop from the
 formulas (per token, per head, per pair; PC0 by the paper's SVD rule), on a tiny model with an attention sink and
 one without; and the segmentor's sink handling (keep / interpolate / drop) on the model with a sink."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,84 +11,30 @@ from nha_plugin.applications.shift import pc0_signs
 from nha_plugin.models import decompose
 from nha_plugin.stats import collect
 
-from conftest import images_for, make_sink_model, make_tiny, scaled_tol
+from conftest import (images_for, layer4_features, make_sink_model, make_tiny, paper_crop_logits_dense,
+                      paper_pcs_dense, pool_tokens_and_attention, scaled_tol)
 
 P, K_PAIRS, TOP = 3, 40, 9          # classes, pairs per class, images per PC0 (odd: no sign tie)
 
 
 def _layer4(model, x):
-    v = model.visual
-    return v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))
+    return layer4_features(model, x)
 
 
 def _tokens_and_attention(model, x):
-    """Tokens z (B, T, C) and the class token's attention (B, H, T) from torch's own multi-head attention."""
-    pool = model.visual.attnpool
-    f = _layer4(model, x)
-    flat = f.flatten(2).transpose(1, 2)                                              # (B, hw, C)
-    z = torch.cat([flat.mean(1, keepdim=True), flat], 1) + pool.positional_embedding
-    zt = z.transpose(0, 1)
-    _, w = F.multi_head_attention_forward(
-        zt, zt, zt, zt.shape[-1], pool.num_heads, None,
-        torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
-        pool.c_proj.weight, pool.c_proj.bias, training=False, need_weights=True, use_separate_proj_weight=True,
-        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
-        average_attn_weights=False)
-    return f, z, w[:, :, 0]
+    """Layer4 features, tokens z (B, T, C) and the class token's attention (B, H, T) from torch's own attention."""
+    f = layer4_features(model, x)
+    return (f, *pool_tokens_and_attention(model.visual.attnpool, f))
 
 
 def _paper_pcs(model, images):
-    """PC0 of every pair as the paper's code fits it: each pair's contributions over the images, centred, the TOP
-    largest by norm, first right singular vector, flipped unless more than TOP // 2 project positively. (H, C, D)."""
-    pool = model.visual.attnpool
-    H, C = pool.num_heads, pool.v_proj.in_features
-    d = C // H
-    _, z, a = _tokens_and_attention(model, images)
-    s = torch.einsum("bht,btn->bhn", a, z)                                           # pair coefficients
-    u = torch.stack([pool.c_proj.weight[:, h * d:(h + 1) * d] @ pool.v_proj.weight[h * d:(h + 1) * d]
-                     for h in range(H)]).transpose(1, 2)                             # (H, C, D)
-    contrib = (s[..., None] * u).numpy()                                             # constants cancel in the centring
-    cur = contrib - contrib.mean(0)
-    order = np.argsort(np.linalg.norm(cur, axis=-1), axis=0)[-TOP:]                  # (TOP, H, C)
-    top = np.take_along_axis(cur, order[..., None], axis=0).transpose(1, 2, 0, 3)    # (H, C, TOP, D)
-    vh = np.linalg.svd(top, full_matrices=False)[2][:, :, 0]                         # one SVD per pair, (H, C, D)
-    positive = (np.einsum("hnkD,hnD->hnk", top, vh) > 0).sum(-1)
-    return torch.from_numpy(np.where((positive > TOP // 2)[..., None], vh, -vh))
-
-
-def _interpolate_last(x, w):
-    """x (..., T, ...) along dim 1 with the last token replaced by the mean of tokens W, N, NW (grid width w)."""
-    x = x.clone()
-    x[:, -1] = (x[:, -2] + x[:, -1 - w] + x[:, -2 - w]) / 3
-    return x
+    """PC0 of every pair by the paper's SVD rule over ``images`` (conftest.paper_pcs_dense), (H, C, D)."""
+    return paper_pcs_dense(model.visual.attnpool, layer4_features(model, images), TOP)
 
 
 def _paper_logits(model, crops, text, pcs, k):
-    """The paper's crop logits (B, P, h, w), one token, head and pair at a time: contributions
-    a[h,m] W_o^h (W_v^h z_m + b_v^h) + b_o / (T H), the sink token's vectors interpolated, cosine with t_p; neuron maps
-    the raw layer4 activations with the sink interpolated; logit = (1/k) sum over the top-k pairs by <PC0, t>."""
-    pool = model.visual.attnpool
-    H, C = pool.num_heads, pool.v_proj.in_features
-    d = C // H
-    f, z, a = _tokens_and_attention(model, crops)
-    B, T = z.shape[:2]
-    gh, gw = f.shape[-2:]
-    v = pool.v_proj(z)
-    contrib = torch.zeros(B, T, H, pool.c_proj.out_features, dtype=torch.float64)
-    for m in range(T):
-        for h in range(H):
-            contrib[:, m, h] = (a[:, h, m, None] * v[:, m, h * d:(h + 1) * d]) @ pool.c_proj.weight[:, h * d:(h + 1) * d].T \
-                + pool.c_proj.bias / (T * H)
-    contrib = _interpolate_last(contrib, gw)
-    sim = torch.einsum("bmhD,pD->bpmh", F.normalize(contrib, dim=-1), text)          # (B, P, T, H)
-    conv = _interpolate_last(torch.cat([torch.zeros(B, 1, C, dtype=f.dtype), f.flatten(2).transpose(1, 2)], 1), gw)
-    out = torch.zeros(B, P, T, dtype=torch.float64)
-    for p in range(P):
-        top = (pcs.reshape(H * C, -1) @ text[p]).topk(k).indices
-        for idx in top.tolist():
-            h, n = divmod(idx, C)
-            out[:, p] += conv[:, :, n] * sim[:, p, :, h] / k
-    return out[:, :, 1:].reshape(B, P, gh, gw), top
+    """The paper's crop logits (B, P, h, w) by the dense loop of conftest.paper_crop_logits_dense."""
+    return paper_crop_logits_dense(model.visual.attnpool, layer4_features(model, crops), text, pcs, k), None
 
 
 @pytest.fixture(scope="module", params=["sink", "no-sink"])

@@ -153,10 +153,9 @@ def contribution_head_maps(spec: AttentionPoolSpec, features: Tensor, text: Tens
     check_sink(sink)
     if bias_share not in BIAS_SHARES:
         raise ValueError(f"bias_share must be one of {BIAS_SHARES}; got {bias_share!r}")
-    H = spec.num_heads
-    h, w = features.shape[-2:]
-    pos = positional_embedding if positional_embedding is not None else positional_embedding_for(spec, (h, w))
-    z = tokens(features, pos)
+    H, (h, w) = spec.num_heads, features.shape[-2:]
+    z = tokens(features, positional_embedding_for(spec, (h, w)) if positional_embedding is None
+               else positional_embedding)
     attention = class_attention(spec, z)                                         # (B, H, T)
     av = value_tokens(spec, z, attention)[:, 1:]                                 # (B, hw, H, d): a[h,m] (W_v z + b_v)
     wo, _ = head_split(spec)                                                     # (D, H, d)
