@@ -462,3 +462,97 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def layer4_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer4 output F (B, C, h, w) of an open_clip CLIP-ResNet, run module by module (not through an adapter)."""
+    v = model.visual
+    return v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))
+
+
+def pool_tokens_and_attention(pool: nn.Module, features: torch.Tensor):
+    """Tokens z (B, T, C) of an open_clip attention pool and its class token's attention (B, H, T), the attention
+    from torch's own multi-head attention."""
+    flat = features.flatten(2).transpose(1, 2)                                       # (B, hw, C)
+    z = torch.cat([flat.mean(1, keepdim=True), flat], 1) + pool.positional_embedding
+    zt = z.transpose(0, 1)
+    _, w = nn.functional.multi_head_attention_forward(
+        zt, zt, zt, zt.shape[-1], pool.num_heads, None,
+        torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
+        pool.c_proj.weight, pool.c_proj.bias, training=False, need_weights=True, use_separate_proj_weight=True,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        average_attn_weights=False)
+    return z, w[:, :, 0]
+
+
+def dense_pair_directions(pool: nn.Module) -> torch.Tensor:
+    """u[h, n] = W_o^h W_v^h[:, n] of an open_clip attention pool, one head at a time: (H, C, D)."""
+    H, C = pool.num_heads, pool.v_proj.in_features
+    d = C // H
+    return torch.stack([pool.c_proj.weight[:, h * d:(h + 1) * d] @ pool.v_proj.weight[h * d:(h + 1) * d]
+                        for h in range(H)]).transpose(1, 2)
+
+
+def paper_pcs_dense(pool: nn.Module, features: torch.Tensor, top: int):
+    """PC0 of every pair as the NAD paper's code fits it: each pair's contributions over the images, centred, the
+    ``top`` largest by norm, first right singular vector, flipped unless more than top // 2 project positively.
+
+    Args:
+        pool: an open_clip attention pool; features: layer4 outputs (N, C, h, w) of the dataset.
+
+    Returns:
+        (H, C, D) PC0 directions (a numpy SVD per pair).
+    """
+    import numpy as np
+    z, a = pool_tokens_and_attention(pool, features)
+    s = torch.einsum("bht,btn->bhn", a, z)                                           # pair coefficients
+    contrib = (s[..., None] * dense_pair_directions(pool)).numpy()                   # constants cancel in the centring
+    cur = contrib - contrib.mean(0)
+    order = np.argsort(np.linalg.norm(cur, axis=-1), axis=0)[-top:]                  # (top, H, C)
+    picked = np.take_along_axis(cur, order[..., None], axis=0).transpose(1, 2, 0, 3)  # (H, C, top, D)
+    vh = np.linalg.svd(picked, full_matrices=False)[2][:, :, 0]                      # one SVD per pair, (H, C, D)
+    positive = (np.einsum("hnkD,hnD->hnk", picked, vh) > 0).sum(-1)
+    return torch.from_numpy(np.where((positive > top // 2)[..., None], vh, -vh))
+
+
+def _interpolate_last_token(x: torch.Tensor, w: int) -> torch.Tensor:
+    """x (B, T, ...) with the last token replaced by the mean of tokens W, N, NW (grid width w)."""
+    x = x.clone()
+    x[:, -1] = (x[:, -2] + x[:, -1 - w] + x[:, -2 - w]) / 3
+    return x
+
+
+def paper_crop_logits_dense(pool: nn.Module, features: torch.Tensor, text: torch.Tensor, pcs: torch.Tensor, k: int):
+    """The NAD paper's crop logits, one token, head and pair at a time: contributions
+    a[h,m] W_o^h (W_v^h z_m + b_v^h) + b_o / (T H), the sink token's vectors interpolated, cosine with t_p; neuron
+    maps the raw layer4 activations with the sink interpolated; logit = (1/k) sum over the top-k pairs by <PC0, t>.
+
+    Args:
+        pool: an open_clip attention pool; features: layer4 outputs (B, C, h, w) of the crops (float64).
+        text: (P, D) class directions; pcs: (H, C, D) from :func:`paper_pcs_dense`; k: pairs per class.
+
+    Returns:
+        (B, P, h, w) logits.
+    """
+    H, C = pool.num_heads, pool.v_proj.in_features
+    d = C // H
+    z, a = pool_tokens_and_attention(pool, features)
+    B, T = z.shape[:2]
+    P = text.shape[0]
+    gh, gw = features.shape[-2:]
+    v = pool.v_proj(z)
+    contrib = torch.zeros(B, T, H, pool.c_proj.out_features, dtype=torch.float64)
+    for m in range(T):
+        for h in range(H):
+            wo = pool.c_proj.weight[:, h * d:(h + 1) * d]
+            contrib[:, m, h] = (a[:, h, m, None] * v[:, m, h * d:(h + 1) * d]) @ wo.T + pool.c_proj.bias / (T * H)
+    contrib = _interpolate_last_token(contrib, gw)
+    sim = torch.einsum("bmhD,pD->bpmh", nn.functional.normalize(contrib, dim=-1), text)   # (B, P, T, H)
+    cells = torch.cat([torch.zeros(B, 1, C, dtype=features.dtype), features.flatten(2).transpose(1, 2)], 1)
+    conv = _interpolate_last_token(cells, gw)
+    out = torch.zeros(B, P, T, dtype=torch.float64)
+    for p in range(P):
+        for idx in (pcs.reshape(H * C, -1) @ text[p]).topk(k).indices.tolist():
+            h, n = divmod(idx, C)
+            out[:, p] += conv[:, :, n] * sim[:, p, :, h] / k
+    return out[:, :, 1:].reshape(B, P, gh, gw)

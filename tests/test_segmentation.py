@@ -365,6 +365,15 @@ def test_segment_cli_orients_pairs_with_dataset_pc0_signs(scenes_rn, tmp_path):
     seg = S.Segmentor(model, S.class_embeddings(model, scenes_rn[2], ds.prompts()), ["nad"], k=100, pair_signs=signs,
                       preprocess=scenes_rn[1])
     assert res["methods"]["nad"]["iou"] == S.evaluate(seg, ds, progress=False)["methods"]["nad"]["iou"]
+    # the paper's preset: the same signs, the paper's maps
+    out = tmp_path / "paper"
+    assert segment_main(["--n", "2", "--method", "nad", "--k", "100", "--stats", str(path), "--preset", "paper",
+                         "--out", str(out), "--quiet", "--show", "0"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert (res["config"]["preset"], res["config"]["bias_share"], res["config"]["sink_space"]) == \
+        ("paper", "uniform", "contributions")
+    seg = S.Segmentor(model, seg.text, ["nad"], k=100, pair_signs=signs, preprocess=scenes_rn[1], preset="paper")
+    assert res["methods"]["nad"]["iou"] == S.evaluate(seg, ds, progress=False)["methods"]["nad"]["iou"]
 
 
 def test_default_k_is_the_papers_share_of_pairs(tiny64):

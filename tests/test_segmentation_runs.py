@@ -113,7 +113,8 @@ def test_segmentor_identity_and_weights_fingerprint(tiny64, tiny32):
     signs = torch.ones(8, 512)
     signs[0, :7] = -1
     others = [dict(k=60), dict(sink="keep"), dict(bias_share="uniform"), dict(crop_size=96),
-              dict(stride=32), dict(short_side=160), dict(pair_signs=signs), dict(methods=("nad", "heads"))]
+              dict(stride=32), dict(short_side=160), dict(pair_signs=signs), dict(methods=("nad", "heads")),
+              dict(preset="paper", pair_signs=torch.ones(8, 512)), dict(sink="drop")]
     for change in others:
         kw = {"methods": ("nad",), "k": 50, **change}
         with pytest.warns(UserWarning) if "crop_size" in change else contextlib.nullcontext():
@@ -244,6 +245,7 @@ def test_a_part_that_does_not_fit_the_run_is_refused(scene_seg, tmp_path):
     (["--dataset", "pascal-context", "--root", "/nonexistent/data"], "/nonexistent/data is not a folder"),
     (["--short-side", "100"], "short_side (100) must be at least the crop size (224)"),
     (["--stats", "/nonexistent/stats.safetensors"], "statistics file /nonexistent/stats.safetensors not found"),
+    (["--preset", "paper"], "--preset paper ranks pairs with the PC0 signs from data"),
 ])
 def test_user_mistakes_are_one_line_and_status_2(tmp_path, capsys, argv, message):
     assert segment_main(["--n", "1", "--quiet", "--out", str(tmp_path / "o")] + argv) == 2

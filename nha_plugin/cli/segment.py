@@ -4,13 +4,16 @@
     nha segment --method nad --k 417 --n 500 --out seg_out
     nha segment --model RN50x16 --pretrained openai --dataset pascal-context --root data/VOCdevkit \\
         --method all --stats stats.safetensors --device cuda         # the paper's protocol (Context-59, no background)
+    nha segment --preset paper --stats stats.safetensors            # the paper's code: uniform bias share, sink
+                                                                    # vectors interpolated, PC0 signs from data
 
 Writes ``results.json``, ``results.md`` and ``predictions.png`` (image, ground truth, each method) to ``--out``. The
 folder is a resumable run (:mod:`nha_plugin.applications.segmentation.evaluation`): ``run.json`` holds its key (the
 settings, the segmentor, the data, the weights) and ``images_*.part.safetensors`` the work done, so a killed run
 resumes where it stopped; another configuration in the same folder is refused, naming what differs (``--fresh``
 discards the saved run). Nothing there is ever unpickled. Mistakes (a bad option, a missing file, a mismatching or
-damaged run folder) print one line and exit with status 2; ``NHA_DEBUG=1`` raises them with the traceback instead.
+damaged run folder) print one line and exit with status 2 through :func:`nha_plugin.cli.common.dispatch`;
+``NHA_DEBUG=1`` raises them with the traceback instead.
 Wire into the ``nha`` parser with :func:`add_parser` and dispatch with :func:`run`; ``python -m
 nha_plugin.cli.segment`` runs it alone.
 """
@@ -23,7 +26,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["UsageError", "add_parser", "configure", "pair_signs", "one_line", "user_errors", "segment", "run", "main"]
+from .common import dispatch, report_user_error
+
+__all__ = ["UsageError", "add_parser", "configure", "pair_signs", "segment", "run", "main"]
 
 HELP = "training-free segmentation with NAD and its baselines (MaskCLIP, self-self, neurons-/heads-only)"
 DATASETS = ("scenes", "pascal-context")
@@ -63,9 +68,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-centre", action="store_true", help="skip text centring over the classes")
     p.add_argument("--stats", default=None,
                    help="dataset statistics file (nha_plugin.stats.DatasetStats) whose pc0_sign orients the pairs")
-    p.add_argument("--bias-share", default="attention", choices=("attention", "uniform"),
-                   help="head maps' share of the output bias: a[h,m] b_o / H (attention) or b_o / (H T) (uniform)")
-    p.add_argument("--sink", default="interpolate", choices=("interpolate", "keep"), help="attention-sink cell")
+    p.add_argument("--preset", default="nha", choices=("nha", "paper"),
+                   help="nha: bias shared by attention, the sink cell's cosines interpolated; paper: the NAD paper's "
+                        "code (uniform bias share, the sink cell's contribution vectors interpolated; needs --stats "
+                        "for the PC0 signs; window = the model's input size, stride half)")
+    p.add_argument("--bias-share", default=None, choices=("attention", "uniform"),
+                   help="head maps' share of the output bias: a[h,m] b_o / H (attention, the nha preset's) or "
+                        "b_o / (H T) (uniform, the paper's); default: the preset's")
+    p.add_argument("--sink", default=None, choices=("interpolate", "keep", "drop"),
+                   help="attention-sink cell (the last one): interpolate (both presets), keep or drop (zero)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp64"),
                    help="model precision (the head-map Gram products need at least fp32)")
@@ -78,24 +89,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 class UsageError(ValueError):
     """A mistake in the command line of ``nha segment``: reported as one line, exit status 2."""
-
-
-def user_errors() -> tuple:
-    """The exceptions :func:`run` reports as one line with exit status 2: bad options and settings (ValueError,
-    which includes a mismatching or damaged run folder and mismatching statistics), missing files, models it cannot
-    load."""
-    from ..models import PretrainedUnavailableError
-    from ..spec import UnsupportedModelError
-    return ValueError, FileNotFoundError, NotADirectoryError, UnsupportedModelError, PretrainedUnavailableError
-
-
-def one_line(err: BaseException) -> str:
-    """An error's message on one line (a run-key mismatch lists each differing field on its own line)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-    out = lines[0]
-    for ln in lines[1:]:
-        out += (" " if out.endswith((":", ".")) else ". " if ln[0].isupper() else "; ") + ln
-    return out
 
 
 def pair_signs(path: str, model):
@@ -124,6 +117,9 @@ def _check_args(args) -> None:
         raise UsageError(f"--crop must be a positive multiple of 32 (the ResNet's stride); got {args.crop}")
     if args.show < 0:
         raise UsageError(f"--show must be 0 or more images; got {args.show}")
+    if args.preset == "paper" and not args.stats:
+        raise UsageError("--preset paper ranks pairs with the PC0 signs from data (the paper's rule): give --stats "
+                         "FILE (nha stats writes one)")
     if args.dataset == "pascal-context" and not args.root:
         raise UsageError("--dataset pascal-context needs --root (the folder holding VOCdevkit)")
     if args.templates == "scenes" and args.dataset != "scenes":
@@ -172,11 +168,11 @@ def segment(args: argparse.Namespace) -> int:
     signs = pair_signs(args.stats, model) if args.stats else None
     seg = Segmentor(model, text, methods, k=args.k, pair_signs=signs, crop_size=args.crop, stride=args.stride,
                     short_side=args.short_side, preprocess=preprocess, sink=args.sink, bias_share=args.bias_share,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, preset=args.preset)
     config = {"model": args.model, "pretrained": args.pretrained, "data": data_desc, "templates": text_desc,
               "centre": not args.no_centre, "k": seg.k, "crop": seg.crop_size, "stride": seg.stride,
-              "short_side": seg.short_side, "sink": args.sink, "bias_share": args.bias_share, "stats": args.stats,
-              "precision": args.precision}
+              "short_side": seg.short_side, "preset": seg.preset, "sink": seg.sink, "bias_share": seg.bias_share,
+              "sink_space": seg.sink_space, "stats": args.stats, "precision": args.precision}
     result = evaluate(seg, ds, n=args.n, show=args.show, run_dir=out, fresh=args.fresh, config=config,
                       progress=not args.quiet)
     seconds = time.perf_counter() - start
@@ -186,7 +182,8 @@ def segment(args: argparse.Namespace) -> int:
                 f"class texts: {len(ds.class_names)} classes, {text_desc}, "
                 f"{'centred over the classes' if not args.no_centre else 'not centred'}",
                 f"k = {seg.k} pairs per class; pair signs: {args.stats or '+1 (no statistics file)'}; "
-                f"head-map bias share: {args.bias_share}; sink: {args.sink}",
+                f"preset {seg.preset}: head-map bias share {seg.bias_share}; sink {seg.sink} (on the "
+                f"{'contribution vectors' if seg.sink_space == 'contributions' else 'maps'})",
                 f"sliding window: crop {seg.crop_size}, stride {seg.stride}, short side resized to {seg.short_side}; "
                 "overlaps averaged; logits resized bilinearly to the label; argmax",
                 "mIoU over classes with a non-empty union (dataset-level confusion matrix); pixAcc over labelled "
@@ -214,15 +211,17 @@ def run(args: argparse.Namespace) -> int:
     """Run ``nha segment`` from parsed ``args``: prints the table and writes the files.
 
     Returns:
-        0, or 2 after printing a user error (:func:`user_errors`) as one line to stderr (``NHA_DEBUG=1``: raised).
+        0, or 2 after printing a user error as one line to stderr (``NHA_DEBUG=1``: raised), through
+        :func:`nha_plugin.cli.common.dispatch`.
     """
     try:
-        return segment(args)
-    except user_errors() as err:
+        return dispatch("segment", segment, args)
+    except ValueError as err:
+        # A refused setting (UsageError, the library's ValueError on an option, mismatching statistics) is a user
+        # mistake too; printed by the dispatcher's own reporter until cli.common.user_errors lists ValueError.
         if os.environ.get("NHA_DEBUG"):
             raise
-        print(f"nha segment: error: {one_line(err)}", file=sys.stderr)
-        return 2
+        return report_user_error("segment", err)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -16,10 +16,15 @@ averaged, renormalised; then centred over the P classes and renormalised: "text 
 3. Neuron maps: Z[m, n] = raw layer4 activation F_m[n] (no positional embedding).
 4. logit[p, m] = (1/k) sum_h L[p, m, h] * (Z @ mask[p, h, :])[m]  (one matmul over all pairs), class token dropped.
    The attention-sink cell (the last spatial token) of L and Z is replaced by the mean of its W, N and NW
-   neighbours (``sink="interpolate"``, as the paper does).
+   neighbours (``sink="interpolate"``, as the paper does; for L, nha averages the neighbours' cosines, the paper's
+   code their contribution vectors).
 5. Grid -> bilinear upsampling to the crop; sliding window (default crop = the model's input size, stride = half),
    overlaps averaged; the short side is first resized to the crop size; logits resized bilinearly to the label's
    size; argmax over classes.
+
+``Segmentor(..., preset="paper", pair_signs=...)`` reproduces the paper's code (uniform bias share, the sink cell's
+contribution vectors interpolated, pairs ranked with the PC0 signs from data): :data:`.segmentor.PRESETS`,
+docs/conventions.md.
 
 Baselines share the class texts and the sliding window (:data:`METHOD_DESCRIPTIONS`): MaskCLIP for ResNet,
 self-self attention, neurons-only, heads-only, and the floor "global" (each crop's zero-shot class painted over it).
@@ -39,16 +44,17 @@ Example::
     result["methods"]["nad"]["miou"]
 """
 from .evaluation import ORACLE, ORACLE_DESCRIPTION, RUN_FORMAT, dataset_identity, evaluate, evaluation_key
-from .maps import (DEFAULT_K, METHOD_DESCRIPTIONS, METHODS, PAPER_PAIR_SHARE, crop_logits, nad_logits, neuron_maps,
-                   paper_k, pair_scores, top_pairs)
+from .maps import (DEFAULT_K, METHOD_DESCRIPTIONS, METHODS, PAPER_PAIR_SHARE, SINK_SPACES, contribution_head_maps,
+                   crop_logits, nad_logits, neuron_maps, paper_k, pair_scores, top_pairs)
 from .metrics import ConfusionMatrix, bootstrap_miou, class_iou, miou_from_matrices
 from .report import plot_examples, results_markdown
 from .scenes import SceneSegmentation, scene_prompts
-from .segmentor import Segmentor, sliding_windows
+from .segmentor import PRESET_DESCRIPTIONS, PRESETS, Segmentor, preset_settings, sliding_windows
 from .texts import centre_texts, class_embeddings
 
 __all__ = ["METHODS", "METHOD_DESCRIPTIONS", "ORACLE", "ORACLE_DESCRIPTION", "DEFAULT_K", "PAPER_PAIR_SHARE",
-           "paper_k", "class_embeddings", "centre_texts", "pair_scores", "top_pairs", "neuron_maps", "nad_logits",
-           "crop_logits", "sliding_windows", "Segmentor", "ConfusionMatrix", "class_iou", "miou_from_matrices",
+           "SINK_SPACES", "PRESETS", "PRESET_DESCRIPTIONS", "paper_k", "class_embeddings", "centre_texts",
+           "pair_scores", "top_pairs", "neuron_maps", "contribution_head_maps", "nad_logits", "crop_logits",
+           "sliding_windows", "preset_settings", "Segmentor", "ConfusionMatrix", "class_iou", "miou_from_matrices",
            "bootstrap_miou", "SceneSegmentation", "scene_prompts", "RUN_FORMAT", "dataset_identity",
            "evaluation_key", "evaluate", "plot_examples", "results_markdown"]

@@ -4,6 +4,10 @@ The image's short side is first resized to ``short_side`` (default the crop size
 model's input size, stride half of it) cover it, the last window in each direction shifted inwards to end at the
 border (as mmsegmentation's slide inference); each crop's grid logits (:func:`.maps.crop_logits`) are upsampled
 bilinearly to the crop, overlaps averaged, resized bilinearly to the label's size and argmaxed over classes.
+
+Presets (:data:`PRESETS`): ``"nha"`` (default) shares the output bias by attention and interpolates the sink cell's
+cosines; ``"paper"`` reproduces the NAD paper's code: the uniform bias share ``b_o / (H T)``, the sink cell's
+contribution vectors interpolated before the cosine, and pairs ranked with the PC0 signs from data (docs/conventions.md).
 """
 from __future__ import annotations
 
@@ -25,7 +29,21 @@ from ...spec import AttentionPoolSpec
 from ...stats import spec_fingerprint
 from .maps import METHODS, crop_logits, paper_k, top_pairs
 
-__all__ = ["sliding_windows", "normalisation", "Segmentor", "ImageLike"]
+__all__ = ["PRESETS", "PRESET_DESCRIPTIONS", "preset_settings", "sliding_windows", "normalisation", "Segmentor",
+           "ImageLike"]
+
+# What each preset fixes in the NAD head and neuron maps (the window and k are the same under both).
+PRESETS: Dict[str, Dict[str, str]] = {
+    "nha": {"bias_share": "attention", "sink": "interpolate", "sink_space": "maps"},
+    "paper": {"bias_share": "uniform", "sink": "interpolate", "sink_space": "contributions"},
+}
+PRESET_DESCRIPTIONS: Dict[str, str] = {
+    "nha": "b_o shared by attention (a[h,m] b_o / H); the sink cell's cosines replaced by the mean of its W, N, NW "
+           "neighbours' cosines; pair signs +1 unless given",
+    "paper": "the NAD paper's code: b_o shared uniformly (b_o / (H T) per token and head); the sink cell's "
+             "contribution vectors replaced by the mean of its W, N, NW neighbours' vectors, then the cosine; pairs "
+             "ranked by <PC0, t> with the PC0 signs from data; window = the model's input size, stride half of it",
+}
 
 ImageLike = Union[Image.Image, np.ndarray]
 
@@ -64,6 +82,39 @@ def normalisation(preprocess) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     return (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
+def preset_settings(preset: str, sink: Optional[str] = None, bias_share: Optional[str] = None,
+                    pair_signs: Optional[Tensor] = None) -> Dict[str, str]:
+    """The head/neuron-map settings of a preset with the caller's choices applied.
+
+    Args:
+        preset: a key of :data:`PRESETS`.
+        sink, bias_share: the caller's choice, None for the preset's. Under ``"paper"`` a different value is refused
+            (the preset exists to reproduce the paper's code; use ``"nha"`` to vary them).
+        pair_signs: the caller's PC0 signs; ``"paper"`` needs them (its pairs are ranked by the signs from data).
+
+    Returns:
+        ``{"bias_share", "sink", "sink_space"}``.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESETS)}; got {preset!r}")
+    settings = dict(PRESETS[preset])
+    given = {name: value for name, value in (("sink", sink), ("bias_share", bias_share)) if value is not None}
+    if preset == "paper":
+        other = {name: value for name, value in given.items() if value != settings[name]}
+        if other:
+            raise ValueError(f"preset='paper' reproduces the paper's code with sink={settings['sink']!r} and "
+                             f"bias_share={settings['bias_share']!r}; got {other}: use preset='nha' to vary them")
+        if pair_signs is None:
+            raise ValueError("preset='paper' ranks pairs by <PC0, t> with the PC0 signs from data (the paper's "
+                             "rule): pass pair_signs, e.g. nha_plugin.stats.DatasetStats.load(path).pc0_sign or "
+                             "nha_plugin.applications.shift.pc0_signs(coefficients)")
+    settings.update(given)
+    check_sink(settings["sink"])
+    if settings["bias_share"] not in BIAS_SHARES:
+        raise ValueError(f"bias_share must be one of {BIAS_SHARES}; got {settings['bias_share']!r}")
+    return settings
+
+
 class Segmentor:
     """Training-free segmentor over class texts; runs one or several methods on the same crops.
 
@@ -78,10 +129,15 @@ class Segmentor:
         stride: window stride (default half the crop).
         short_side: the image's short side is resized to this first (default the crop size).
         preprocess: the model's preprocess, read only for its normalisation mean/std (OpenAI's when None).
-        sink: "interpolate" (default, the paper's) or "keep" for the NAD head/neuron maps.
-        bias_share: the head maps' share of the output bias: "attention" (default) or "uniform"
-            (:func:`nha_plugin.pool_maps.head_maps`).
+        sink: "interpolate" (the default of both presets), "keep" or "drop" for the NAD head/neuron maps; None:
+            the preset's.
+        bias_share: the head maps' share of the output bias: "attention" (the nha preset's) or "uniform" (the
+            paper's; :func:`nha_plugin.pool_maps.head_maps`); None: the preset's.
         batch_size: crops per forward pass.
+        preset: "nha" (default) or "paper" (:data:`PRESETS`, :func:`preset_settings`): "paper" reproduces the NAD
+            paper's crop logits (same pairs, same maps) and needs ``pair_signs`` from data; it keeps the window at
+            the model's input size with stride half of it (the paper's 384 / 192 for RN50x16; 224 / 112 for
+            scenes-rn) and refuses another.
 
     Example::
 
@@ -92,7 +148,8 @@ class Segmentor:
     def __init__(self, model: Union[nn.Module, AttentionPoolSpec], text: Tensor, methods: Sequence[str] = ("nad",), *,
                  k: Optional[int] = None, pair_signs: Optional[Tensor] = None, crop_size: Optional[int] = None,
                  stride: Optional[int] = None, short_side: Optional[int] = None, preprocess=None,
-                 sink: str = "interpolate", bias_share: str = "attention", batch_size: int = 8):
+                 sink: Optional[str] = None, bias_share: Optional[str] = None, batch_size: int = 8,
+                 preset: str = "nha"):
         self.spec = (model if isinstance(model, AttentionPoolSpec) else get_spec(model)).detached()
         methods = [methods] if isinstance(methods, str) else list(methods)
         unknown = [m for m in methods if m not in METHODS]
@@ -100,14 +157,19 @@ class Segmentor:
             raise ValueError(f"unknown or no segmentation methods {unknown or methods}; choose from {list(METHODS)}")
         if text.dim() != 2 or text.shape[1] != self.spec.output_dim:
             raise ValueError(f"text must be (P, D={self.spec.output_dim}); got {tuple(text.shape)}")
-        check_sink(sink)
-        if bias_share not in BIAS_SHARES:
-            raise ValueError(f"bias_share must be one of {BIAS_SHARES}; got {bias_share!r}")
+        settings = preset_settings(preset, sink, bias_share, pair_signs)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1 crop; got {batch_size}")
-        self.methods, self.sink, self.bias_share, self.batch_size = methods, sink, bias_share, int(batch_size)
+        self.methods, self.batch_size, self.preset = methods, int(batch_size), preset
+        self.sink, self.bias_share, self.sink_space = settings["sink"], settings["bias_share"], settings["sink_space"]
         self.text = text.to(device=self.spec.device, dtype=self.spec.dtype)
         native = self.spec.image_size or 32 * self.spec.grid_size
+        if preset == "paper":
+            asked = {"crop_size": (crop_size, native), "stride": (stride, native // 2), "short_side": (short_side, native)}
+            other = {name: got for name, (got, want) in asked.items() if got is not None and int(got) != want}
+            if other:
+                raise ValueError(f"preset='paper' slides the paper's window (crop {native} = the model's input size, "
+                                 f"stride {native // 2}, short side {native}); got {other}: use preset='nha'")
         self.crop_size = int(crop_size or native)
         if self.crop_size % 32:
             raise ValueError(f"crop_size must be a multiple of 32 for a CLIP-ResNet; got {self.crop_size}")
@@ -140,13 +202,15 @@ class Segmentor:
         :meth:`weights_fingerprint`): a resumed evaluation never mixes two segmentors.
 
         Returns:
-            ``{"methods", "k", "pair_signs", "texts", "sink", "bias_share", "window", "normalisation", "dtype"}``;
-            the sign and text tensors as :func:`nha_plugin.runs.tensor_fingerprint` (None: no signs given).
+            ``{"methods", "k", "pair_signs", "texts", "preset", "sink", "bias_share", "sink_space", "window",
+            "normalisation", "dtype"}``; the sign and text tensors as :func:`nha_plugin.runs.tensor_fingerprint`
+            (None: no signs given).
         """
         mean, std = self.normalisation
         return {"methods": list(self.methods), "k": self.k,
                 "pair_signs": None if self.pair_signs is None else tensor_fingerprint(self.pair_signs),
-                "texts": tensor_fingerprint(self.text), "sink": self.sink, "bias_share": self.bias_share,
+                "texts": tensor_fingerprint(self.text), "preset": self.preset, "sink": self.sink,
+                "bias_share": self.bias_share, "sink_space": self.sink_space,
                 "window": {"crop": self.crop_size, "stride": self.stride, "short_side": self.short_side},
                 "normalisation": {"mean": list(mean), "std": list(std)}, "dtype": str(self.spec.dtype)}
 
@@ -182,7 +246,8 @@ class Segmentor:
         """Logits of every method for normalised crops (B, 3, S, S): ``{method: (B, P, S, S)}`` (the grid logits of
         :func:`.maps.crop_logits` upsampled bilinearly)."""
         feats = self.spec.trunk(crops)
-        grids = crop_logits(self.spec, feats, self.text, self.methods, self.mask, self.k, self.sink, self.bias_share)
+        grids = crop_logits(self.spec, feats, self.text, self.methods, self.mask, self.k, self.sink, self.bias_share,
+                            self.sink_space)
         return {m: F.interpolate(g, size=crops.shape[-2:], mode="bilinear", align_corners=False)
                 for m, g in grids.items()}
 

@@ -8,6 +8,7 @@ from typing import Dict, Union
 import numpy as np
 
 from ...files import save_figure, write_json, write_text
+from ...markup import md_cell, md_row
 from .units import METHODS
 
 __all__ = ["METHOD_LABELS", "fmt", "fmt_p", "markdown", "plot", "write_report"]
@@ -41,40 +42,44 @@ def markdown(report: dict) -> str:
     lines = []
     head = report.get("protocol", {})
     if head:
-        lines += ["## Protocol", ""] + [f"- {k}: {v}" for k, v in head.items()] + [""]
+        lines += ["## Protocol", ""] + [f"- {md_cell(k)}: {md_cell(v)}" for k, v in head.items()] + [""]
     for run in report["runs"]:
         p = run["protocol"]
-        lines += [f"## {p['data']}", "",
-                  f"n = {p['n_images']} images in groups {p['groups']} (reference {p['reference']}); "
-                  f"k = {p['k']} pairs, {p['k_neurons']} neurons, {p['k_heads']} head(s); templates "
-                  f"{p['templates']}; pair signs: {p['pair_signs']}; neuron/head PC0 from {p['unit_directions']}; "
-                  f"{p['n_permutations']} MMD permutations; seed {p['seed']}.", ""]
-        lines += ["| concept | presence | " + " | ".join(f"r per image: {METHOD_LABELS[m]}" for m in METHODS)
-                  + " | " + " | ".join(f"r group means: {METHOD_LABELS[m]}" for m in METHODS) + " |",
+        lines += [f"## {md_cell(p['data'])}", "",
+                  md_cell(f"n = {p['n_images']} images in groups {p['groups']} (reference {p['reference']}); "
+                          f"k = {p['k']} pairs, {p['k_neurons']} neurons, {p['k_heads']} head(s); templates "
+                          f"{p['templates']}; pair signs: {p['pair_signs']}; neuron/head PC0 from "
+                          f"{p['unit_directions']}; {p['n_permutations']} MMD permutations; seed {p['seed']}."), ""]
+        lines += [md_row(["concept", "presence", *(f"r per image: {METHOD_LABELS[m]}" for m in METHODS),
+                          *(f"r group means: {METHOD_LABELS[m]}" for m in METHODS)]),
                   "|" + "---|" * (2 + 2 * len(METHODS))]
         for c, res in run["concepts"].items():
-            lines.append(f"| {c} | {res['presence']} | "
-                         + " | ".join(fmt(res["per_image_r"][m]) for m in METHODS) + " | "
-                         + " | ".join(fmt(res["group_mean_r"][m]) for m in METHODS) + " |")
+            lines.append(md_row([c, res["presence"], *(fmt(res["per_image_r"][m]) for m in METHODS),
+                                 *(fmt(res["group_mean_r"][m]) for m in METHODS)]))
         lines.append("")
         tests = {row["group"]: row for row in run["groups"]}
         for c, res in run["concepts"].items():
-            lines += [f"### {c}: per group", "",
-                      "| group | n | true share | " + " | ".join(f"mean {METHOD_LABELS[m]}" for m in METHODS)
-                      + " | MMD p | C2ST acc (p) | " + " | ".join(f"KS p {METHOD_LABELS[m]}" for m in METHODS) + " |",
+            lines += [f"### {md_cell(c)}: per group", "",
+                      md_row(["group", "n", "true share", *(f"mean {METHOD_LABELS[m]}" for m in METHODS), "MMD p",
+                              "C2ST acc (p)", *(f"KS p {METHOD_LABELS[m]}" for m in METHODS)]),
                       "|" + "---|" * (5 + 2 * len(METHODS))]
             for row in res["groups"]:
                 t = tests[row["group"]]
                 if "mmd" in t:
                     mmd = fmt_p(t["mmd"]["p_value"])
                     c2 = f"{t['classifier']['accuracy']:.3f} ({fmt_p(t['classifier']['p_value'])})"
-                    ks = " | ".join(fmt_p(row["ks"][m]["p_value"]) for m in METHODS)
+                    ks = [fmt_p(row["ks"][m]["p_value"]) for m in METHODS]
                 else:
-                    mmd, c2, ks = "reference", "reference", " | ".join("reference" for _ in METHODS)
-                lines.append(f"| {row['group']} | {row['n']} | {row['share']:.3f} | "
-                             + " | ".join(fmt(row["mean"][m], 4) for m in METHODS) + f" | {mmd} | {c2} | {ks} |")
+                    mmd, c2, ks = "reference", "reference", ["reference" for _ in METHODS]
+                lines.append(md_row([row["group"], row["n"], f"{row['share']:.3f}",
+                                     *(fmt(row["mean"][m], 4) for m in METHODS), mmd, c2, *ks]))
             lines.append("")
     return "\n".join(lines)
+
+
+def _plain(value) -> str:
+    """A user string as plain matplotlib text (a ``$`` would start mathtext)."""
+    return str(value).replace("$", r"\$")
 
 
 def plot(report: dict, path: Union[str, Path]) -> Path:
@@ -110,13 +115,14 @@ def plot(report: dict, path: Union[str, Path]) -> Path:
             pooled = float(np.sqrt(np.mean(sds ** 2))) or 1.0
             ax.plot(shares, (means - means[0]) / pooled, marker=markers[m],
                     label=f"{METHOD_LABELS[m]} (r={fmt(res['group_mean_r'][m], 2)})")
-        for row, share in zip(res["groups"], shares):
-            ax.annotate(str(row["group"]), (share, 0), textcoords="offset points", xytext=(0, -14), fontsize=7,
-                        ha="center", color="grey")
+        # the groups name their shares on a top axis of their own, clear of the share ticks and of the data
+        groups = ax.secondary_xaxis("top")
+        groups.set_xticks(shares, labels=[_plain(row["group"]) for row in res["groups"]])
+        groups.tick_params(labelsize=7, colors="grey")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel("true concept share in group")
         ax.set_ylabel("group mean shift (pooled sd units)")
-        ax.set_title(f"{c!r}: group means vs true share", fontsize=9)
+        ax.set_title(f"'{_plain(c)}': group means vs true share (top axis: group)", fontsize=9)
         ax.legend(fontsize=7)
         ax = axes[2 * (i // cols) + 1, col]
         tests = {row["group"]: row for row in run["groups"]}
@@ -130,10 +136,10 @@ def plot(report: dict, path: Union[str, Path]) -> Path:
             ax.plot(xs, np.clip(vals, 1e-16, 1), marker="o", label=name)
         ax.axhline(0.05, color="red", lw=0.6, ls="--")
         ax.set_yscale("log")
-        ax.set_xticks(xs, [str(g) for g in labels])
-        ax.set_xlabel(f"group (vs reference {run['protocol']['reference']})")
+        ax.set_xticks(xs, [_plain(g) for g in labels])
+        ax.set_xlabel(f"group (vs reference {_plain(run['protocol']['reference'])})")
         ax.set_ylabel("p-value")
-        ax.set_title(f"{c!r}: two-sample tests", fontsize=9)
+        ax.set_title(f"'{_plain(c)}': two-sample tests", fontsize=9)
         ax.legend(fontsize=6)
     for j in range(len(panels), blocks * cols):
         axes[2 * (j // cols), j % cols].axis("off")
