@@ -427,7 +427,8 @@ def waterbirds_experiment(model, tokenizer, root: str, *, preprocess: Optional[C
     spans = head_text_spans(train, emb, list(pool), m=m, rank=rank, progress=progress)
     selected = select_place_heads(spans, keywords, threshold, min_relative_variance, max_heads)
     candidates = [(l, h) for l in train.layers for h in range(train.num_heads)]
-    from ..readout import encode_texts
+    from ..readout import check_templates, encode_texts
+    templates = check_templates(templates)
     with torch.no_grad():
         w = torch.stack([F.normalize(encode_texts(model, tokenizer, [t.format(c) for t in templates]).mean(0), dim=-1)
                          for c in CLASS_NAMES], dim=1).double()

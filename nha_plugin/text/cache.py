@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..files import CorruptFileError, load_tensors, save_tensors
-from ..readout import encode_texts
+from ..readout import check_templates, encode_texts
 from ..runs import module_fingerprint, texts_fingerprint
 
 __all__ = ["embed_texts", "default_cache_dir", "cache_key", "CACHE_VERSION"]
@@ -166,8 +166,8 @@ def embed_texts(model: nn.Module, tokenizer: Callable, texts: Sequence[str],
     texts = list(texts)
     if not texts:
         raise ValueError("no texts to embed")
-    if templates is not None and any("{}" not in t for t in templates):
-        raise ValueError("every template needs one '{}' for the text")
+    if templates is not None:
+        templates = check_templates(templates)
     if cache_dir is False:
         return _embed(model, tokenizer, texts, templates, batch_size, progress)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...readout import check_templates
+
 __all__ = ["centre_texts", "class_embeddings"]
 
 
@@ -49,9 +51,7 @@ def class_embeddings(model: nn.Module, tokenizer: Callable,
     if isinstance(classes, Mapping):
         prompts = {name: list(p) for name, p in classes.items()}
     else:
-        templates = list(templates) if templates else ["a photo of a {}."]
-        if any("{}" not in t for t in templates):
-            raise ValueError(f"every template needs one '{{}}' for the class name; got {templates[:3]}")
+        templates = check_templates(templates) if templates else ["a photo of a {}."]
         prompts = {name: [t.format(name) for t in templates] for name in classes}
     if not prompts or any(not p for p in prompts.values()):
         raise ValueError("give at least one class and at least one prompt per class")
