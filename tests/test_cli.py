@@ -58,8 +58,7 @@ def _option_blocks(text: str) -> dict:
     return blocks
 
 
-# segment is left out only until cli/segment.py (another engineer's file) gives --device a help text
-@pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"segment"}))
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_help_is_plain_and_shows_each_default(command, capsys):
     from nha_plugin.cli.main import build_parser
     with pytest.raises(SystemExit) as info:

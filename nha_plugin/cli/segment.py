@@ -77,7 +77,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "b_o / (H T) (uniform, the paper's); default: the preset's")
     p.add_argument("--sink", default=None, choices=("interpolate", "keep", "drop"),
                    help="attention-sink cell (the last one): interpolate (both presets), keep or drop (zero)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp64"),
                    help="model precision (the head-map Gram products need at least fp32)")
     p.add_argument("--batch-size", type=int, default=8, help="crops per forward pass")
