@@ -26,7 +26,7 @@ from nha_plugin.files import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-BLOCK = re.compile(r"(<!-- results:(?P<ref>[^ ]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results:(?P<ref>[^\n]+?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 HEADING = re.compile(r"^(#+) +(.*?) *$")
 
 

@@ -43,16 +43,16 @@ def test_readme_types_no_figure_outside_a_block():
 def test_a_block_is_refilled_from_its_file_and_section(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    (results / "r.md").write_text("# R\n\n## A\n\nalpha 1.5\n\n### A.1\n\ndeep\n\n## B\n\nbeta\n")
+    (results / "r.md").write_text("# R\n\n## A (x, y)\n\nalpha 1.5\n\n### A.1\n\ndeep\n\n## B\n\nbeta\n")
     page = tmp_path / "page.md"
-    text = "x\n<!-- results:r.md#A -->\nold\n<!-- /results -->\ny\n<!-- results:r.md#B -->\n<!-- /results -->\n"
+    text = "x\n<!-- results:r.md#A (x, y) -->\nold\n<!-- /results -->\ny\n<!-- results:r.md#B -->\n<!-- /results -->\n"
     out = RB.render(text, page, results)
-    assert out == ("x\n<!-- results:r.md#A -->\nalpha 1.5\n<!-- /results -->\n"
+    assert out == ("x\n<!-- results:r.md#A (x, y) -->\nalpha 1.5\n<!-- /results -->\n"
                    "y\n<!-- results:r.md#B -->\nbeta\n<!-- /results -->\n")
     page.write_text(out)
     assert RB.stale([page], results) == []
-    (results / "r.md").write_text("# R\n\n## A\n\nalpha 2.5\n\n## B\n\nbeta\n")
-    assert RB.stale([page], results) == [(page, "r.md#A")]
+    (results / "r.md").write_text("# R\n\n## A (x, y)\n\nalpha 2.5\n\n## B\n\nbeta\n")
+    assert RB.stale([page], results) == [(page, "r.md#A (x, y)")]
     with pytest.raises(KeyError, match="no heading 'C'"):
         RB.render("<!-- results:r.md#C -->\n<!-- /results -->", page, results)
     with pytest.raises(FileNotFoundError, match="run the benchmark"):
