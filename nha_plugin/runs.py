@@ -27,7 +27,7 @@ import torch
 from .files import (FORMAT_VERSION, CorruptFileError, Device, PathLike, jsonable, load_state, read_json, save_state,
                     tensor_bytes, write_json)
 
-__all__ = ["RunMismatchError", "run_key", "check_key", "tensor_fingerprint", "module_fingerprint",
+__all__ = ["dist_info", "init_distributed", "barrier", "RunMismatchError", "run_key", "check_key", "tensor_fingerprint", "module_fingerprint",
            "texts_fingerprint", "images_fingerprint", "RunDir", "append_records", "read_records"]
 
 _FRESH = "Pass --fresh (CLI) / fresh=True (API) to discard it and start over, or use another output folder."
@@ -294,3 +294,32 @@ def read_records(path: PathLike) -> List[dict]:
         warnings.warn(f"{path}: dropped a torn last line {len(lines) + 1} ({len(tail)} bytes, no newline); "
                       "recompute its rows", stacklevel=2)
     return rows
+
+
+# ---- processes of one run (torchrun) ---------------------------------------------------------------------------
+def dist_info() -> tuple:
+    """``(rank, world size)`` of this process under an initialised ``torch.distributed``, else ``(0, 1)``."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment): NCCL for CUDA, else
+    gloo; each process then uses GPU ``LOCAL_RANK``. Returns whether this call created the group."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def barrier() -> None:
+    """Wait for every process of the group (no-op in a single process)."""
+    import torch.distributed as dist
+    if dist_info()[1] > 1:
+        dist.barrier()

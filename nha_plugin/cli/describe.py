@@ -3,6 +3,8 @@
     nha describe --model scenes-rn --unit pair:H3N17 --unit head:3 --unit neuron:17 --k 10
     nha describe --model scenes-rn --unit neuron:17 --subconcepts --scenes 256     # heads/neurons from data
     nha describe --model RN50x16 --all --out pairs.parquet --out pairs.json --k 64 --device cuda
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+        -m nha_plugin.cli.describe describe --model RN50x16 --pretrained W.pt --all --out /shared/pairs.parquet --device cuda
 
 ``--all`` keeps resumable parts in ``<first --out>.parts/``: a killed run resumes there; a run with other
 settings, words or weights is refused (exit 2) unless ``--fresh`` discards it.
@@ -171,10 +173,20 @@ def _print_table(desc: dict, indent: str = "") -> None:
 
 def _describe_all(args, spec, words, k: int) -> int:
     """``--all``: every pair to the --out files (a refused or damaged run folder is reported by the dispatcher)."""
+    import torch.distributed as dist
+
+    from ..runs import dist_info, init_distributed
     from ..text.all_pairs import describe_all_pairs
-    header = describe_all_pairs(spec, words, args.out, k=k, heads_per_chunk=args.heads_per_chunk, device=args.device,
-                                progress=not args.quiet, fresh=args.fresh,
-                                meta={"model": args.model, "pretrained": args.pretrained})
+    created = init_distributed(args.device)           # under torchrun: the chunks are dealt over the ranks
+    try:
+        header = describe_all_pairs(spec, words, args.out, k=k, heads_per_chunk=args.heads_per_chunk,
+                                    device=args.device, progress=not args.quiet, fresh=args.fresh,
+                                    meta={"model": args.model, "pretrained": args.pretrained})
+    finally:
+        if created:
+            dist.destroy_process_group()
+    if dist_info()[0] != 0:
+        return 0
     print(f"described {header['num_pairs']} pairs with {k} words from {header['num_texts']} texts: "
           + ", ".join(args.out))
     return 0

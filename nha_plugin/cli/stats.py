@@ -19,7 +19,6 @@ runnable alone: ``python -m nha_plugin.cli.stats stats|sparsity ...``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..runs import texts_fingerprint
+from ..runs import dist_info, init_distributed, texts_fingerprint
 from .common import (UsageError, check_choices, check_file, check_pool, check_templates, command_help, doc_body,
                      load_model, non_negative_int, positive_int, recorded_command, standalone_main)
 
@@ -195,19 +194,6 @@ def _load(name: str, device: str):
     return model.to(device).eval(), preprocess, tokenizer
 
 
-def _init_distributed(device: str) -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL for CUDA, else
-    gloo; each process then uses GPU LOCAL_RANK. Returns whether this call created the group."""
-    import torch.distributed as dist
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return True
-
-
 def run_stats(args: argparse.Namespace) -> int:
     """``nha stats``: collect, resuming ``OUT.partial`` unless ``--fresh``, and write ``OUT`` (rank 0).
 
@@ -227,7 +213,7 @@ def run_stats(args: argparse.Namespace) -> int:
             raise UsageError(str(err)) from None
     elif args.model != "scenes-rn":
         raise UsageError(f"{args.model} was not trained on the generated scenes; pass --images DIR")
-    created = _init_distributed(args.device)
+    created = init_distributed(args.device)
     try:
         return _run_stats(args)
     finally:
@@ -237,7 +223,7 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def _run_stats(args: argparse.Namespace) -> int:
     from ..adapters import get_spec
-    from ..stats.collector import checkpoint_path, collect, dist_info
+    from ..stats.collector import checkpoint_path, collect
     device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else args.device
     model, preprocess, _ = _load(args.model, device)
     get_spec(model)      # pair statistics are for CLIP-ResNets: a ViT is refused with a pointer to nha_plugin.vit

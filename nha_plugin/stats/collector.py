@@ -28,25 +28,17 @@ import torch
 from torch import Tensor, nn
 
 from ..images import check_pixels
-from ..runs import RunMismatchError, check_key, module_fingerprint, run_key
+from ..runs import RunMismatchError, check_key, dist_info, module_fingerprint, run_key
 from ..spec import AttentionPoolSpec
 from .accumulators import DatasetStats, default_head_covariance
 from .identity import FORMAT_VERSION, StatsMismatchError, as_spec, spec_fingerprint
 
-__all__ = ["collect", "dist_info", "rank_path", "checkpoint_path", "checkpoint_key", "first_tensor", "stack_images"]
+__all__ = ["collect", "rank_path", "checkpoint_path", "checkpoint_key", "first_tensor", "stack_images"]
 
 Batches = Iterator[tuple[Tensor, Tensor]]
 
 
 # ---- processes and files -----------------------------------------------------------------------------------
-def dist_info() -> tuple[int, int]:
-    """``(rank, world size)`` of this process under an initialised ``torch.distributed``, else ``(0, 1)``."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def rank_path(path: Union[str, Path], rank: int, world: int) -> Path:
     """The file of process ``rank`` of ``world``: ``path`` itself for one process, else
     ``STEM.rank{r}-of-{W}SUFFIX`` beside it."""

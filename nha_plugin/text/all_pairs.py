@@ -8,6 +8,11 @@ another run is refused (:class:`~nha_plugin.runs.RunMismatchError`, naming each 
 (``--fresh``) discards it. A part that is unreadable or not a part of this run raises
 :class:`~nha_plugin.files.CorruptFileError` naming the file. The outputs are written atomically once every chunk
 exists; the parts stay for re-export and can be deleted afterwards.
+
+Under ``torchrun`` (an initialised ``torch.distributed`` group) the chunks are dealt round-robin over the ranks:
+rank r computes chunks r, r + W, r + 2W, ... into the shared parts folder, and after a barrier rank 0 merges every
+part into the outputs, the same files a single process writes. A killed rank's chunks are picked up by whichever
+rank owns them on the next launch, at any world size.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from torch import Tensor
 
 from ..files import CorruptFileError, atomic_path, write_json
 from ..pool import pair_directions
-from ..runs import RunDir, run_key, tensor_fingerprint, texts_fingerprint
+from ..runs import RunDir, barrier, dist_info, run_key, tensor_fingerprint, texts_fingerprint
 from ..spec import AttentionPoolSpec
 from .describe import TextDictionary, pair_label
 from .omp import sparse_decompose
@@ -76,12 +81,13 @@ def describe_all_pairs(spec: AttentionPoolSpec, dictionary: TextDictionary, outp
         k: words per pair.
         heads_per_chunk: heads per resumable part.
         device, chunk_size, screen: passed to :func:`~nha_plugin.text.omp.sparse_decompose`.
-        progress: tqdm bar over the chunks.
+        progress: tqdm bar over the chunks (rank 0's).
         meta: extra JSON-able fields for the output header (e.g. the model name); part of the run key.
         fresh: discard the parts of an earlier run in the parts folder and start over.
 
     Returns:
-        The header dict (model sizes, pool, k, normalization, number of pairs, meta).
+        The header dict (model sizes, pool, k, normalization, number of pairs, meta). Under torchrun only rank 0
+        writes the outputs; every rank returns the header.
 
     Raises:
         RunMismatchError: the parts folder holds a run with another key (and ``fresh`` is False).
@@ -99,10 +105,17 @@ def describe_all_pairs(spec: AttentionPoolSpec, dictionary: TextDictionary, outp
               "pool": dictionary.pool, "num_texts": len(dictionary), "normalization": dictionary.normalization,
               "templates": len(dictionary.templates or []), "screen": screen, **(meta or {})}
     key = all_pairs_key(spec, dictionary, k, heads_per_chunk=heads_per_chunk, screen=screen, meta=meta)
-    run = RunDir(outputs[0].with_name(outputs[0].name + ".parts"), key, fresh=fresh)
+    parts_dir = outputs[0].with_name(outputs[0].name + ".parts")
+    rank, world = dist_info()
+    # rank 0 alone creates (or, with fresh, wipes) the folder; the others open it once it is keyed
+    run = RunDir(parts_dir, key, fresh=fresh) if rank == 0 else None
+    barrier()
+    run = run or RunDir(parts_dir, key)
     from tqdm.auto import tqdm
     chunks = [(f"heads_{h0:05d}", h0, min(H, h0 + heads_per_chunk)) for h0 in range(0, H, heads_per_chunk)]
-    for name, h0, h1 in tqdm(chunks, desc=f"describing {H * C} pairs", unit="chunk", disable=not progress):
+    mine = chunks[rank::world]
+    for name, h0, h1 in tqdm(mine, desc=f"describing {H * C} pairs", unit="chunk",
+                             disable=not progress or rank != 0):
         if run.has_part(name):
             continue
         u = pair_directions(spec, heads=slice(h0, h1)).float().reshape(-1, spec.output_dim)
@@ -111,6 +124,9 @@ def describe_all_pairs(spec: AttentionPoolSpec, dictionary: TextDictionary, outp
         run.save_part(name, {"indices": codes.indices.cpu().int(), "coefficients": codes.coefficients.cpu().float(),
                              "relative_residual": (codes.residual_norms / codes.target_norms).cpu().float(),
                              "direction_norm": u.norm(dim=1).cpu()})
+    barrier()
+    if rank != 0:
+        return header
     parts = [_check_part(run.load_part(name), run.path / f"{name}.part.safetensors", (h1 - h0) * C, k)
              for name, h0, h1 in chunks]
     cat = {field: torch.cat([p[field] for p in parts]) for field in _FIELDS}
