@@ -1,7 +1,11 @@
 """``nha benchmark``: score NAD against Captum, zennit and CLIP-specific baselines on the same images.
 
 Wire into the ``nha`` command with ``add_parser(subparsers)`` and dispatch ``run(args)``; also runnable alone:
-``python -m nha_plugin.cli.benchmark [--quick] [--out DIR] ...``.
+``python -m nha_plugin.cli.benchmark [--quick] [--out DIR] ...``. Under torchrun the images are dealt over the
+processes (gloo on CPU, NCCL on GPU, one GPU per LOCAL_RANK) and rank 0 writes the results:
+
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+        -m nha_plugin.cli.benchmark --dataset imagenet-s --path gtsegs_ijcv.mat --out /shared/bench --device cuda
 """
 from __future__ import annotations
 
@@ -114,7 +118,17 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         raise UsageError(problem)
     check_output_folder("--out", cfg.out)
-    results = run_benchmark(cfg)
+    import torch.distributed as dist
+
+    from ..runs import init_distributed
+    created = init_distributed(cfg.device)
+    try:
+        results = run_benchmark(cfg)
+    finally:
+        if created:
+            dist.destroy_process_group()
+    if not results:                                 # another rank than 0 under torchrun: rank 0 reports
+        return 0
     if cfg.quiet:                                   # the runner prints the table only with progress output on
         from ..harness.report import table
         print(table(results))

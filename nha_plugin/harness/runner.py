@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..files import write_json, write_text
-from ..runs import RunDir, append_records, images_fingerprint, module_fingerprint, read_records, run_key, \
+from ..runs import RunDir, append_records, barrier, dist_info, images_fingerprint, module_fingerprint, read_records, run_key, \
     tensor_fingerprint
 from ..readout import contrastive
 from . import metrics as M
@@ -180,7 +180,9 @@ def run_benchmark(cfg: BenchmarkConfig, forward: Optional[nn.Module] = None, ite
 
     Returns:
         The results dict, also written to ``OUT/results.json`` (+ ``results.md``, ``heatmaps.png``,
-        ``metric_<name>.png``).
+        ``metric_<name>.png``). Under torchrun (an initialised ``torch.distributed`` group) the batches are dealt
+        over the ranks and rank 0 merges every rank's records into the same results a single process writes; the
+        other ranks return ``{}``.
 
     Raises:
         RunMismatchError: ``cfg.out`` holds another run (use ``fresh=True`` or another folder).
@@ -196,8 +198,12 @@ def run_benchmark(cfg: BenchmarkConfig, forward: Optional[nn.Module] = None, ite
     forward = target_forward(forward if forward is not None else build_forward(cfg, classes), cfg.target_mode)
     methods = _usable_methods(methods_for(model_of(forward), cfg.methods))
     out = Path(cfg.out)
-    run = RunDir(out, benchmark_key(cfg, forward, items, classes), fresh=cfg.fresh)
-    if not run.resumed and (out / "records").is_dir():
+    rank, world = dist_info()
+    # under torchrun rank 0 alone creates (or, with fresh, wipes) the run folder; the others open it once keyed
+    run = RunDir(out, benchmark_key(cfg, forward, items, classes), fresh=cfg.fresh) if rank == 0 else None
+    barrier()
+    run = run or RunDir(out, benchmark_key(cfg, forward, items, classes))
+    if rank == 0 and not run.resumed and (out / "records").is_dir():
         warnings.warn(f"{out}/records holds records of an older harness version; they are not reused (delete "
                       "the folder)", stacklevel=2)
     device = next(forward.parameters()).device
@@ -210,7 +216,10 @@ def run_benchmark(cfg: BenchmarkConfig, forward: Optional[nn.Module] = None, ite
     if "randomisation" in cfg.metrics:
         randomised = randomised_copies(forward, cfg.randomisation_stages, seed=cfg.seed)
     scorer = _Scorer(cfg, forward, x_all, target_all, items, randomised, run)
-    scorer.run_all(methods)
+    scorer.run_all(methods, rank, world)
+    barrier()
+    if rank != 0:                       # rank 0 alone reads every rank's records and writes the results
+        return {}
 
     # index order (and one record per image, should two runs have shared the folder): the means of a resumed
     # run add up in the same order as an uninterrupted run's
@@ -239,12 +248,15 @@ class _Scorer:
     randomised: List[nn.Module]
     run: RunDir
 
-    def run_all(self, methods: Sequence[str]) -> None:
-        """Score every method on every batch that lacks a record, appending the missing records."""
+    def run_all(self, methods: Sequence[str], rank: int = 0, world: int = 1) -> None:
+        """Score every method on every batch of this rank that lacks a record, appending the missing records.
+
+        Batches are dealt round-robin over the ``world`` processes (rank r scores batches r, r + W, ...); all
+        append to the same record files (one ``write`` per line with O_APPEND, so lines never interleave)."""
         from tqdm.auto import tqdm
         n, size = len(self.items), self.cfg.batch_size
-        batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-        with tqdm(total=len(methods) * len(batches), desc="benchmark", disable=self.cfg.quiet) as bar:
+        batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)][rank::world]
+        with tqdm(total=len(methods) * len(batches), desc="benchmark", disable=self.cfg.quiet or rank != 0) as bar:
             for name in methods:
                 bar.set_postfix_str(name)
                 path = self.run.records(name)
