@@ -41,7 +41,7 @@ def check_pixels(images: Tensor, *, preprocess_hint: str = "the model's preproce
     if not images.is_floating_point():
         raise TypeError(f"expected float pixels normalised by the preprocess; got {images.dtype} (raw pixel values "
                         f"are not CLIP's input). Use {preprocess_hint}")
-    bad = int((~torch.isfinite(images)).sum())
+    bad = 0 if images.is_meta else int((~torch.isfinite(images)).sum())     # meta tensors hold no values
     if bad:
         raise ValueError(f"images contain {bad} NaN/Inf values; fix or drop those images before decomposing")
 

@@ -556,3 +556,18 @@ def paper_crop_logits_dense(pool: nn.Module, features: torch.Tensor, text: torch
             h, n = divmod(idx, C)
             out[:, p] += conv[:, :, n] * sim[:, p, :, h] / k
     return out[:, :, 1:].reshape(B, P, gh, gw)
+
+
+def run_processes(worker, args: tuple, nprocs: int = 2, timeout: float = 240) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes (a torchrun stand-in for gloo tests); fail the
+    test, killing them, when they do not all finish within ``timeout`` seconds (a rank error is re-raised)."""
+    import time
+
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {nprocs}-process run did not finish in {timeout:.0f} s")

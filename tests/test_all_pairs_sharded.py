@@ -2,15 +2,13 @@
 rank computing only its own chunks (round-robin), rank 0 merging."""
 import datetime
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import make_tiny
+from conftest import make_tiny, run_processes
 from nha_plugin import text
 from nha_plugin.adapters import get_spec
 from nha_plugin.text import all_pairs
@@ -48,14 +46,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 def test_two_gloo_ranks_write_what_one_process_writes(tmp_path):
     sharded = tmp_path / "sharded" / "pairs.json"
     sharded.parent.mkdir()
-    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(sharded)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.time() + 240
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-process gloo run did not finish in 240 s")
+    run_processes(_worker, (2, str(tmp_path / "init"), str(sharded)), timeout=240)
     spec, words = _setup()
     single = tmp_path / "single" / "pairs.json"
     single.parent.mkdir()

@@ -2,15 +2,13 @@
 rank 0 writes the results a single process writes."""
 import datetime
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import make_tiny
+from conftest import make_tiny, run_processes
 from nha_plugin.harness.data import BenchItem
 from nha_plugin.harness.runner import BenchmarkConfig, run_benchmark
 from nha_plugin.readout import LinearReadout
@@ -55,14 +53,7 @@ def _rows(out, method):
 
 def test_two_gloo_ranks_give_the_single_process_results(tmp_path):
     sharded, single = tmp_path / "sharded", tmp_path / "single"
-    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(sharded)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.time() + 300
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-process gloo benchmark did not finish in 300 s")
+    run_processes(_worker, (2, str(tmp_path / "init"), str(sharded)), timeout=300)
     cfg, head, items = _setup(single)
     run_benchmark(cfg, forward=head, items=items, classes=CLASSES)
     for method in METHODS:

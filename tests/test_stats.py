@@ -4,16 +4,14 @@ and statistics files that are corrupted, planted or of another run are refused w
 import dataclasses
 import json
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import (assert_refused, assert_topk_selection, assert_user_error, images_for, randomise_pool_biases,
-                      rerandomise_batchnorm, scaled_tol)
+                      rerandomise_batchnorm, run_processes, scaled_tol)
 from torch.utils.data import TensorDataset
 
 import nha_plugin as nha
@@ -262,14 +260,7 @@ def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_two_gloo_processes_match_one(tmp_path, small, data):
-    ctx = mp.start_processes(_gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.time() + 240
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-process gloo run did not finish in 240 s")
+    run_processes(_gloo_worker, (2, str(tmp_path / "init"), str(tmp_path)), timeout=240)
     one = collect(small, batches_of(data[0], 8), k=10, progress=False)
     for name in ("index", "stream"):
         two = DatasetStats.load(tmp_path / f"{name}.safetensors")

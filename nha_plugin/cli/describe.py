@@ -103,14 +103,12 @@ def parse_units(units: Sequence[str]) -> list:
 
 def _check_ranges(units: list, names: Sequence[str], spec) -> None:
     """Refuse a head or neuron index the model does not have (known once the model is read)."""
-    H, C = spec.num_heads, spec.num_neurons
+    from ..text.describe import check_index
     for (kind, index), name in zip(units, names):
-        h = index[0] if kind in ("pair", "head") else None
-        n = index[-1] if kind in ("pair", "neuron") else None
-        if h is not None and not 0 <= h < H:
-            raise UsageError(f"--unit {name}: this model has H={H} heads, numbered 0..{H - 1}")
-        if n is not None and not 0 <= n < C:
-            raise UsageError(f"--unit {name}: this model has C={C} neurons, numbered 0..{C - 1}")
+        try:
+            check_index(kind, index, spec)
+        except ValueError as err:
+            raise UsageError(f"--unit {name}: {err}") from None
 
 
 _SAVE_HINT = "write it with safetensors.torch.save_file({'pair_coefficients': s}, path)"

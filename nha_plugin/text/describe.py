@@ -89,7 +89,8 @@ def parse_unit(unit: str) -> tuple[str, tuple[int, ...]]:
     return "neuron", (int(g[4] if g[4] is not None else g[5]),)
 
 
-def _check_index(kind: str, index: tuple[int, ...], spec: AttentionPoolSpec) -> None:
+def check_index(kind: str, index: tuple[int, ...], spec: AttentionPoolSpec) -> None:
+    """Refuse a head or neuron index the model does not have (ValueError naming the valid range)."""
     H, C = spec.num_heads, spec.num_neurons
     h = index[0] if kind in ("pair", "head") else None
     n = index[-1] if kind in ("pair", "neuron") else None
@@ -129,7 +130,7 @@ def unit_direction(spec: AttentionPoolSpec, unit: Union[str, tuple[str, tuple[in
             used by heads and neurons (PC0 of their contributions). Pairs never need them.
     """
     kind, index = parse_unit(unit) if isinstance(unit, str) else unit
-    _check_index(kind, index, spec)
+    check_index(kind, index, spec)
     spec = spec.detached()
     if coefficients is not None and (coefficients.dim() != 3 or
                                      coefficients.shape[1:] != (spec.num_heads, spec.num_neurons)):
@@ -194,7 +195,7 @@ def subconcepts(spec: AttentionPoolSpec, neuron: int, dictionary: TextDictionary
 
     Returns ``{"neuron": description, "pairs": [description + "importance", ...]}``.
     """
-    _check_index("neuron", (neuron,), spec)
+    check_index("neuron", (neuron,), spec)
     norms = _neuron_pairs(spec, neuron, torch.float32).norm(dim=1)              # (H,)
     importance = norms if coefficients is None else norms * coefficients[:, :, neuron].float().std(dim=0)
     order = importance.argsort(descending=True)[:top].tolist()
@@ -212,7 +213,7 @@ def head_text_span(spec: AttentionPoolSpec, head: int, coefficients: Tensor, dic
 
     Returns ``{"unit": "head:h", "kind": "head", "source": "data", "texts": [...], "variances": [...]}``."""
     from .textspan import text_span
-    _check_index("head", (head,), spec)
+    check_index("head", (head,), spec)
     spec = spec.detached()
     U = pair_directions(spec, heads=slice(head, head + 1))[0].float()            # (C, D)
     res = text_span(coefficients[:, head].float() @ U, dictionary.embeddings, dictionary.texts, m=m, rank=rank)
