@@ -22,12 +22,21 @@ import sys
 from pathlib import Path
 from typing import Iterable, List, Tuple
 
-from nha_plugin.files import write_text
+from nha_plugin.files import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BLOCK = re.compile(r"(<!-- results:(?P<ref>[^\n]+?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 HEADING = re.compile(r"^(#+) +(.*?) *$")
+
+
+def publish(folder: Path, name: str, result: dict, markdown: str) -> None:
+    """Write a benchmark's ``<name>.json`` and ``<name>.md`` into ``folder`` (atomically) and print the Markdown."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"{name}.json", result)
+    write_text(folder / f"{name}.md", markdown)
+    print(markdown)
 
 
 def pages(root: Path = ROOT) -> List[Path]:

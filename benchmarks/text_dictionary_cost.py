@@ -24,9 +24,9 @@ import open_clip
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import fmt, time_interleaved  # noqa: E402  (benchmarks are scripts; see timing.py)
+from results_blocks import publish  # noqa: E402  (benchmarks are scripts)
+from timing import fmt, time_interleaved  # noqa: E402
 
-from nha_plugin.files import write_json, write_text  # noqa: E402
 from nha_plugin.markup import md_row  # noqa: E402
 from nha_plugin.models import load_clip  # noqa: E402
 from nha_plugin.text import build_dictionary, common_words, embed_texts, imagenet_templates  # noqa: E402
@@ -100,10 +100,7 @@ def main(argv=None) -> int:
     models = ["RN50"] if args.quick else args.models.split(",")
     n_words, repeats = (1, 1) if args.quick else (args.words, args.repeats)
     result = run(models, n_words, repeats, args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "text_dictionary_cost.json", result)
-    write_text(args.out / "text_dictionary_cost.md", markdown(result))
-    print(markdown(result))
+    publish(args.out, "text_dictionary_cost", result, markdown(result))
     return 0
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
-from nha_plugin.files import write_json, write_text
-from nha_plugin.markup import md_row
-from nha_plugin.models import load_clip
-from nha_plugin.zoo.bundled import zoo_config
-from nha_plugin.zoo.train_scenes_rn import evaluate
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_blocks import publish  # noqa: E402  (benchmarks are scripts)
+
+from nha_plugin.markup import md_row  # noqa: E402
+from nha_plugin.models import load_clip  # noqa: E402
+from nha_plugin.zoo.bundled import zoo_config  # noqa: E402
+from nha_plugin.zoo.train_scenes_rn import evaluate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ("scenes-rn", "scenes-vit")
@@ -62,10 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results", help="folder for zoo_scenes.{json,md}")
     args = parser.parse_args(argv)
     result = run(args.n, args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "zoo_scenes.json", result)
-    write_text(args.out / "zoo_scenes.md", markdown(result))
-    print(markdown(result))
+    publish(args.out, "zoo_scenes", result, markdown(result))
     return 0
 
 
