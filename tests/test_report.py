@@ -1,7 +1,6 @@
 """The report's builder without a browser: leaderboard numbers against a bootstrap written here, the atlas
 against the library's one-unit functions and a dense decomposition, the shards, escaping, the CLI."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -10,7 +9,8 @@ from conftest import tiny_report_inputs
 
 from nha_plugin.harness import metrics as M
 from nha_plugin.report import leaderboard, read_run, site_size, write_site
-from nha_plugin.report.atlas import k90, neuron_directions, synthetic_atlas
+from nha_plugin.report.atlas import k90, synthetic_atlas
+from nha_plugin.text.describe import neuron_directions
 from nha_plugin.report.site import shard_text
 
 

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..text.describe import neuron_directions
 from .pictures import grid_values
 
-__all__ = ["resnet_atlas", "synthetic_atlas", "k90", "neuron_directions"]
+__all__ = ["resnet_atlas", "synthetic_atlas", "k90"]
 
 
 def k90(importances: np.ndarray) -> int:
@@ -32,35 +33,6 @@ def k90(importances: np.ndarray) -> int:
     if total <= 0:
         return 0
     return int(np.searchsorted(np.cumsum(v), 0.9 * total - 1e-12 * total) + 1)
-
-
-@torch.no_grad()
-def neuron_directions(spec, coefficients: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Every neuron's PC0 over a dataset, as :func:`nha_plugin.text.describe.unit_direction` gives it one
-    neuron at a time (first right singular vector of the centred contributions; sign: the paper's rule on the
-    50 largest centred rows, :func:`nha_plugin.pool.pc_sign`), batched over neurons.
-
-    Args:
-        spec: the attention-pool spec.
-        coefficients: pair coefficients s (B, H, C).
-        chunk: neurons per batched SVD (memory: chunk * B * D floats).
-
-    Returns:
-        (C, D) float32 unit directions.
-    """
-    from ..pool import neuron_blocks, pc_sign
-    s = coefficients.float()
-    out = []
-    for start in range(0, s.shape[2], chunk):
-        sl = slice(start, min(s.shape[2], start + chunk))
-        U = neuron_blocks(spec, sl, torch.float32)                   # (c, D, H)
-        x = torch.einsum("bhc,cDh->cbD", s[:, :, sl], U)            # (c, B, D) contributions
-        xc = x - x.mean(dim=1, keepdim=True)
-        v = torch.linalg.svd(xc, full_matrices=False).Vh[:, 0]      # (c, D)
-        top = xc.norm(dim=-1).argsort(dim=1, descending=True)[:, :50]
-        proj = torch.einsum("cbD,cD->cb", torch.gather(xc, 1, top[..., None].expand(-1, -1, xc.shape[-1])), v)
-        out.append(v * pc_sign(proj)[:, None].to(v))
-    return torch.cat(out)
 
 
 @torch.no_grad()

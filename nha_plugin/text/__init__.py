@@ -36,7 +36,7 @@ Modules, one job each:
 from .all_pairs import describe_all_pairs
 from .cache import embed_texts
 from .describe import (TextDictionary, build_dictionary, collect_coefficients, describe, describe_units,
-                       head_text_span, parse_unit, subconcepts, unit_direction)
+                       head_text_span, neuron_directions, parse_unit, subconcepts, unit_direction)
 from .omp import SparseCodes, prepare_dictionary, sparse_decompose
 from .pools import (common_words, get_pool, get_templates, imagenet_classes, imagenet_templates, read_pool,
                     scenes_vocabulary)
@@ -46,5 +46,5 @@ __all__ = [
     "sparse_decompose", "prepare_dictionary", "SparseCodes", "text_span", "TextSpanResult", "embed_texts",
     "common_words", "imagenet_classes", "imagenet_templates", "scenes_vocabulary", "read_pool", "get_pool",
     "get_templates", "TextDictionary", "build_dictionary", "describe", "describe_units", "unit_direction",
-    "parse_unit", "subconcepts", "describe_all_pairs", "collect_coefficients", "head_text_span",
+    "neuron_directions", "parse_unit", "subconcepts", "describe_all_pairs", "collect_coefficients", "head_text_span",
 ]

@@ -25,8 +25,8 @@ from .cache import embed_texts
 from .omp import SparseCodes, prepare_dictionary, sparse_decompose
 from .pools import get_pool, get_templates
 
-__all__ = ["TextDictionary", "build_dictionary", "parse_unit", "unit_direction", "describe", "describe_units",
-           "subconcepts", "collect_coefficients", "pair_label", "head_text_span"]
+__all__ = ["TextDictionary", "build_dictionary", "parse_unit", "unit_direction", "neuron_directions", "describe",
+           "describe_units", "subconcepts", "collect_coefficients", "pair_label", "head_text_span"]
 
 _UNIT_RE = re.compile(r"^(?:pair:)?H(\d+)N(\d+)$|^head:(\d+)$|^H(\d+)$|^neuron:(\d+)$|^N(\d+)$")
 
@@ -106,17 +106,42 @@ def _neuron_pairs(spec: AttentionPoolSpec, n: int, dtype: torch.dtype) -> Tensor
 
 
 def _pc0(x: Tensor, reference: Optional[Tensor] = None) -> Tensor:
-    """First principal direction (D,) of rows x (K, D); centred first when ``reference`` is None.
+    """First principal direction (..., D) of rows x (..., K, D), batched over leading axes; centred first when
+    ``reference`` is None.
 
     Sign: with data (reference None), the paper's rule on the 50 largest centred rows
-    (:func:`nha_plugin.pool.pc_sign`); otherwise ``reference`` (D,) projects positively."""
+    (:func:`nha_plugin.pool.pc_sign`); otherwise ``reference`` (D,) projects positively (2-D ``x`` only)."""
     if reference is None:
-        xc = x - x.mean(dim=0)
-        v = torch.linalg.svd(xc, full_matrices=False).Vh[0]
-        top = xc[xc.norm(dim=1).argsort(descending=True)[:50]]
-        return v * pc_sign(top @ v).to(v)
+        xc = x - x.mean(dim=-2, keepdim=True)
+        v = torch.linalg.svd(xc, full_matrices=False).Vh[..., 0, :]                  # (..., D)
+        top = xc.norm(dim=-1).argsort(dim=-1, descending=True)[..., :50]              # (..., <=50)
+        rows = torch.gather(xc, -2, top[..., None].expand(*top.shape, xc.shape[-1]))
+        return v * pc_sign((rows * v[..., None, :]).sum(-1))[..., None].to(v)
     v = torch.linalg.svd(x, full_matrices=False).Vh[0]
     return -v if float(reference @ v) < 0 else v
+
+
+@torch.no_grad()
+def neuron_directions(spec: AttentionPoolSpec, coefficients: Tensor, *, dtype: torch.dtype = torch.float32,
+                      chunk: int = 256) -> Tensor:
+    """Every neuron's PC0 over a dataset, as :func:`unit_direction` gives it one neuron at a time, batched.
+
+    Args:
+        spec: the attention-pool spec.
+        coefficients: pair coefficients s (B, H, C) over the dataset.
+        dtype: the arithmetic's dtype.
+        chunk: neurons per batched SVD (memory: chunk * B * D values).
+
+    Returns:
+        (C, D) unit directions in ``dtype``.
+    """
+    s = coefficients.to(dtype)
+    out = []
+    for start in range(0, s.shape[2], chunk):
+        sl = slice(start, min(s.shape[2], start + chunk))
+        contributions = torch.einsum("bhc,cDh->cbD", s[:, :, sl], neuron_blocks(spec, sl, dtype))   # (c, B, D)
+        out.append(_pc0(contributions))
+    return torch.cat(out)
 
 
 def unit_direction(spec: AttentionPoolSpec, unit: Union[str, tuple[str, tuple[int, ...]]],
