@@ -250,10 +250,7 @@ def write_malicious_pickle(path, marker) -> bytes:
     import pickle
     from pathlib import Path
 
-    class Planted:
-        def __reduce__(self):
-            return open, (str(marker), "w")
-    data = pickle.dumps(Planted())
+    data = pickle.dumps(planted(marker))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(data)
     return data

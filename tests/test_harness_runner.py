@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import planted
 from nha_plugin.cli import benchmark as cli
 from nha_plugin.files import CorruptFileError
 from nha_plugin.harness import registry as HR
@@ -211,23 +212,14 @@ def cli_args(argv):
     return parser.parse_args(argv)
 
 
-class _Evil:
-    """Unpickling it creates ``marker``: proof that a file was unpickled."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
 
 def _plant(folder, name, marker):
     path = folder / name
     path.parent.mkdir(exist_ok=True)
     if name.endswith(".pt"):
-        torch.save(_Evil(str(marker)), path)
+        torch.save(planted(marker), path)
     else:
-        path.write_bytes(pickle.dumps(_Evil(str(marker))))
+        path.write_bytes(pickle.dumps(planted(marker)))
 
 
 def test_planted_pickles_never_run(head, tmp_path):

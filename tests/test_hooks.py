@@ -169,7 +169,7 @@ def test_transformer_lens_wrapper_never_splits_the_callers_model():
     assert [(t.dtype, t.device) for t in [*model.parameters(), *model.buffers()]] == kinds   # nothing moved
     assert tl.double() is tl and tl.to("cpu") is tl and tl.to(torch.float64) is tl       # no-ops pass
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(x), before, rtol=0, atol=0)
+        torch.testing.assert_close(model.encode_image(x), before, rtol=0, atol=0)   # same call, untouched model
         torch.testing.assert_close(tl(x), before, rtol=0, atol=1e-12 * float(before.abs().max()))
     tl.train()
     assert tl.training and tl.hook_layer4.training and not model.visual.attnpool.training

@@ -57,6 +57,7 @@ def test_integer_targets_of_every_kind_agree(family):
     ref = nad.attribute(x, target=[1, 3, 0])
     for target in ([np.int64(1), np.int64(3), np.int64(0)], torch.tensor([1, 3, 0], dtype=torch.int32),
                    [torch.tensor(1), 3, 0]):
+        # exact: every spelling becomes the same index tensor, so this is the very same computation
         torch.testing.assert_close(nad.attribute(x, target=target), ref, rtol=0, atol=0)
 
 
@@ -83,7 +84,7 @@ def test_lift_to_input_takes_captums_tuples(family):
     for a, i in ((attr, (x,)), (attr, x), (attr[0], (x,))):
         lifted = nha.lift_to_input(a, i)
         assert isinstance(lifted, tuple) and len(lifted) == 1
-        torch.testing.assert_close(lifted[0], plain, rtol=0, atol=0)
+        torch.testing.assert_close(lifted[0], plain, rtol=0, atol=0)     # same tensor, same call: exact
     torch.testing.assert_close(plain.flatten(1).sum(1), attr[0].flatten(1).sum(1), rtol=0,
                                atol=scaled_tol(attr[0], 1e-12) * plain[0].numel())
     with pytest.raises(ValueError, match="tuple of 2"):

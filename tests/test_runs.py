@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import planted
 from nha_plugin import files, runs
 from nha_plugin.files import CorruptFileError
 from nha_plugin.runs import RunDir, RunMismatchError
@@ -244,26 +245,17 @@ def test_every_writer_gives_umask_masked_0644(tmp_path, umask, mode):
 
 
 # ---- corrupt inputs ----------------------------------------------------------------------------------------
-class _Planted:
-    """Unpickling this creates the marker file: stands for any code a planted pickle could run."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
 
 def test_planted_pickles_are_never_unpickled(tmp_path):
     probe = tmp_path / "probe"
-    pickle.loads(pickle.dumps(_Planted(probe))).close()
+    pickle.loads(pickle.dumps(planted(probe))).close()
     assert probe.exists()                              # the payload works: the assertions below can fail
     marker = tmp_path / "marker"
     run = RunDir(tmp_path / "run", {"config": 1})
-    for name, data in [("pickled", pickle.dumps({"state": _Planted(marker)})), ("torch_saved", None)]:
+    for name, data in [("pickled", pickle.dumps({"state": planted(marker)})), ("torch_saved", None)]:
         path = run.path / f"{name}.part.safetensors"
         if data is None:
-            torch.save({"state": _Planted(marker)}, path)
+            torch.save({"state": planted(marker)}, path)
         else:
             path.write_bytes(data)
         for load in (files.load_state, files.load_tensors, lambda p: run.load_part(name)):

@@ -15,7 +15,7 @@ from nha_plugin.applications import segmentation as S
 from nha_plugin.cli.segment import main as segment_main
 from nha_plugin.runs import RunMismatchError
 
-from conftest import make_tiny
+from conftest import make_tiny, planted
 
 NAMES = ("maskclip", "nad", "oracle-majority")
 
@@ -179,22 +179,13 @@ def test_command_refuses_another_configuration_in_one_line_and_fresh_starts_over
     assert json.loads((out / "results.json").read_text())["config"]["k"] == 200
 
 
-class Planted:
-    """Unpickling this runs code: it creates the marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
 
 def _plant(path, marker, torch_format):
     """Write a pickle whose loading would create ``marker``: torch.save's zip format or a bare pickle."""
     if torch_format:
-        torch.save({"next": 2, "payload": Planted(marker)}, path)
+        torch.save({"next": 2, "payload": planted(marker)}, path)
     else:
-        path.write_bytes(pickle.dumps(Planted(marker)))
+        path.write_bytes(pickle.dumps(planted(marker)))
 
 
 def test_planted_pickles_never_run(tmp_path, capsys, one_image_steps):

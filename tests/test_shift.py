@@ -17,7 +17,7 @@ from nha_plugin.adapters import get_spec
 from nha_plugin.applications import shift as S
 from nha_plugin.cli.shift import main as shift_main
 from nha_plugin.pool import pair_directions
-from conftest import assert_topk_selection, images_for
+from conftest import assert_topk_selection, images_for, planted
 
 
 # ---- units and scores --------------------------------------------------------------------------------------
@@ -249,21 +249,12 @@ def test_cli_refuses_another_configuration_and_fresh_starts_over(cached_clip, tm
         "shape-star-seed1-group1.part.safetensors", "shape-star-seed1-result.part.safetensors"]
 
 
-class _Evil:
-    """Unpickling this creates ``marker``: a stand-in for arbitrary code run by ``pickle.load``/``torch.load``."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
 
 def test_cli_never_unpickles_a_planted_pickle(cached_clip, tmp_path, capsys):
     out, marker = tmp_path / "o", tmp_path / "EXECUTED"
-    payloads = {"pickle": pickle.dumps({"x": _Evil(marker)}), "torch.save": None}
+    payloads = {"pickle": pickle.dumps({"x": planted(marker)}), "torch.save": None}
     buf = tmp_path / "evil.pt"
-    torch.save({"x": _Evil(marker)}, buf)
+    torch.save({"x": planted(marker)}, buf)
     payloads["torch.save"] = buf.read_bytes()
     assert not marker.exists()
     # a fresh folder whose run.json is a pickle
@@ -291,9 +282,9 @@ def test_cli_never_unpickles_a_planted_pickle(cached_clip, tmp_path, capsys):
     # files it only writes, and names an older version read or a user might drop there: overwritten or ignored
     for p, data in good.items():
         p.write_bytes(data)
-    planted = [out / "t.json", out / "t.md", out / "t.png", out / "t.parts" / "shape-star-seed0-0123456789abcdef.json",
+    dropped = [out / "t.json", out / "t.md", out / "t.png", out / "t.parts" / "shape-star-seed0-0123456789abcdef.json",
                out / "t.parts" / "checkpoint.pt", out / "t.parts" / "scores.pkl", out / "t.parts" / "group0.npy"]
-    for path in planted:
+    for path in dropped:
         path.write_bytes(payloads["pickle"])
     assert shift_main(_star_args(out)) == 0 and not marker.exists()
     assert json.loads((out / "t.json").read_text())["runs"][0]["protocol"]["k"] == 3

@@ -10,8 +10,8 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import (assert_refused, assert_topk_selection, assert_user_error, images_for, randomise_pool_biases,
-                      rerandomise_batchnorm, run_processes, scaled_tol)
+from conftest import (assert_refused, assert_topk_selection, assert_user_error, images_for, planted,
+                      randomise_pool_biases, rerandomise_batchnorm, run_processes, scaled_tol)
 from torch.utils.data import TensorDataset
 
 import nha_plugin as nha
@@ -141,6 +141,7 @@ def test_save_load_roundtrip_and_wrong_model(tmp_path, small, stats):
     for name, t in stats.state_tensors().items():
         assert torch.equal(getattr(back, name), t), name
     assert torch.equal(back.pc0_sign, stats.pc0_sign)
+    # exact: the state tensors are bit-identical (checked above), so this is the same call on the same inputs
     torch.testing.assert_close(back.neuron_pcs(2).components, stats.neuron_pcs(2).components, rtol=0, atol=0)
     with pytest.raises(StatsMismatchError, match="another model"):
         DatasetStats.load(path, model=make_small(seed=5))
@@ -389,36 +390,27 @@ def test_files_of_another_format_or_kind_are_refused(tmp_path, stats):
 
 
 
-class _Planted:
-    """Unpickling it creates ``marker`` (what a malicious pickle would do instead)."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
 
 @pytest.mark.parametrize("protocol", [0, pickle.HIGHEST_PROTOCOL])
 def test_cli_never_unpickles_planted_files(tmp_path, capsys, protocol):
     from nha_plugin.cli import main as nha_main
     from nha_plugin.cli import stats as stats_cli
     marker = tmp_path / "pwned"
-    planted = pickle.dumps(_Planted(marker), protocol=protocol)
+    evil = pickle.dumps(planted(marker), protocol=protocol)
     out = tmp_path / "stats.safetensors"
     partial = tmp_path / "stats.safetensors.partial"                 # the checkpoint `nha stats` resumes
-    partial.write_bytes(planted)
+    partial.write_bytes(evil)
     argv = ["stats", "--n", "2", "--batch-size", "2", "--out", str(out), "--quiet"]
     for main in (stats_cli.main, nha_main):                       # standalone and through the `nha` dispatcher
         err = assert_refused(capsys, str(partial), main, argv)
         assert "not safetensors" in err and "--fresh" in err
     stats_file = tmp_path / "planted.safetensors"                     # the file `nha sparsity` reads
-    stats_file.write_bytes(planted)
+    stats_file.write_bytes(evil)
     assert_refused(capsys, str(stats_file), stats_cli.main,
                    ["sparsity", "--stats", str(stats_file), "--n", "2", "--text-k=", "--out",
                    str(tmp_path / "sp"), "--quiet"])
     assert not marker.exists() and not out.exists()
-    pickle.loads(planted)                                              # the planted file does bite when unpickled
+    pickle.loads(evil)                                                 # the planted file does bite when unpickled
     assert marker.exists()
 
 
