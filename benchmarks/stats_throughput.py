@@ -250,9 +250,11 @@ def main(argv=None) -> int:
             "hardware": (torch.cuda.get_device_name() if args.device.startswith("cuda")
                          else f"{platform.machine()} ({os.cpu_count()} cpus)"),
             "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
+            # a load above the core count means other jobs shared the machine during the run
             "note": ("The machine was shared with other jobs during the run (see the load averages): absolute "
                      "numbers are noisy; forward and statistics were timed interleaved so the ratio is fair."
-                     if args.device == "cpu" else "")}
+                     if args.device == "cpu" and max(load_before, os.getloadavg()[0]) > (os.cpu_count() or 1)
+                     else "")}
     stem = Path(args.out) if args.out else RESULTS / f"stats_throughput_{args.device.split(':')[0]}"
     payload = {"meta": meta, "throughput": [r | m for r, m in zip(rows, mem)], "scaling": scale}
     write_json(stem.with_suffix(".json"), payload)
