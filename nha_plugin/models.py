@@ -104,8 +104,7 @@ def _read_tensors(path: Path, allow_pickle: bool):
                              "trust the file pass allow_pickle=True, or better convert it to safetensors") from err
         if not allow_pickle:   # not a pickle of tensors at all: reported as unreadable
             raise
-    # reached only with allow_pickle=True: the caller opted in to running whatever the pickle holds
-    return torch.load(str(path), map_location="cpu", weights_only=False)
+    return torch.load(str(path), map_location="cpu", weights_only=False)   # only with allow_pickle=True (opt-in)
 
 
 def read_state_dict(path: Union[str, os.PathLike], allow_pickle: bool = False) -> dict:
